@@ -1,0 +1,1 @@
+"""Result backends: memory (in-process), Redis. See base.py for the seam."""

@@ -1,0 +1,44 @@
+"""The result-backend seam: outcomes as bytes, stored with a TTL, awaited without polling."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["ResultBackend"]
+
+
+class ResultBackend(Protocol):
+    """Stores task outcomes and wakes the coroutines awaiting them."""
+
+    url: str
+    """The backend URL with any password masked: safe to log."""
+
+    async def connect(self) -> None: ...
+
+    def reply_to(self) -> str | None:
+        """Address that workers push this process's outcomes to, or None if not supported.
+
+        Senders put it in each message so ``result.get()`` in the sending process is woken by
+        a push on a channel it already listens to, with no per-task subscription.
+        """
+
+    def send_token(self) -> object:
+        """Opaque marker taken at send time; ``wait`` uses it to skip a needless read."""
+
+    async def store(
+        self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
+    ) -> None:
+        """Store a final outcome (SUCCESS or FAILURE) and wake its waiters."""
+
+    async def store_state(self, task_id: str, outcome: bytes, *, ttl: float) -> None:
+        """Store an intermediate state (RECEIVED, STARTED); wakes nobody."""
+
+    async def get(self, task_id: str) -> bytes | None:
+        """The final outcome, else the latest intermediate state, else None."""
+
+    async def wait(self, task_id: str, *, timeout: float | None, token: object = None) -> bytes:
+        """The final outcome, as soon as it is stored; raises ResultTimeout after ``timeout``."""
+
+    async def forget(self, task_id: str) -> None: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Transports: memory (in-process), Redis lists. See base.py for the seam."""

@@ -1,0 +1,142 @@
+"""In-process broker for tests and demos: the Redis broker's behaviour without a server.
+
+It is a product feature (``memory://``), not a stand-in used by our own Redis tests: it keeps the
+same contract (FIFO queues, at-most ``max_count`` per fetch, unsettled deliveries returned on
+close, dead letters with reasons) so a user's test suite sees what production will do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict, deque
+from collections.abc import Sequence
+
+from .base import Consumer, DeadLetter, Delivery
+
+__all__ = ["MemoryBroker"]
+
+
+class _MemoryDelivery:
+    __slots__ = ("_consumer", "attempt", "body", "queue")
+
+    def __init__(self, consumer: _MemoryConsumer, queue: str, body: bytes, attempt: int) -> None:
+        self._consumer = consumer
+        self.queue = queue
+        self.body = body
+        self.attempt = attempt
+
+    @property
+    def redelivered(self) -> bool:
+        return self.attempt > 1
+
+    async def ack(self) -> None:
+        self._consumer.unsettled.discard(self)
+
+    async def requeue(self) -> None:
+        if self in self._consumer.unsettled:
+            self._consumer.unsettled.discard(self)
+            self._consumer.broker.push_back(self.queue, self.body, self.attempt)
+
+    async def dead_letter(self, reason: str) -> None:
+        self._consumer.unsettled.discard(self)
+        dead = DeadLetter(queue=self.queue, body=self.body, reason=reason, at=time.time())
+        self._consumer.broker.dead[self.queue].append(dead)
+
+
+class _MemoryConsumer:
+    def __init__(self, broker: MemoryBroker, queues: Sequence[str]) -> None:
+        self.broker = broker
+        self.queues = tuple(queues)
+        self.unsettled: set[_MemoryDelivery] = set()
+
+    async def start(self) -> None:
+        return None
+
+    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+        out = self._take(max_count)
+        if out or timeout <= 0:
+            return out
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not out:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return []
+            event = self.broker.arrival
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return []
+            out = self._take(max_count)
+        return out
+
+    def _take(self, max_count: int) -> list[Delivery]:
+        out: list[Delivery] = []
+        for queue in self.queues:
+            items = self.broker.queues[queue]
+            while items and len(out) < max_count:
+                body, attempt = items.popleft()
+                delivery = _MemoryDelivery(self, queue, body, attempt)
+                self.unsettled.add(delivery)
+                out.append(delivery)
+        return out
+
+    async def close(self) -> None:
+        # A delivery still unsettled here was running when the worker gave up on it: it counts
+        # as an attempt, exactly as a crash would on Redis.
+        for delivery in sorted(self.unsettled, key=id):
+            self.broker.push_back(delivery.queue, delivery.body, delivery.attempt + 1)
+        self.unsettled.clear()
+
+
+class MemoryBroker:
+    """Queues in a dict of deques; one per App, shared by its client and in-process workers."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self.queues: defaultdict[str, deque[tuple[bytes, int]]] = defaultdict(deque)
+        self.dead: defaultdict[str, list[DeadLetter]] = defaultdict(list)
+        self._arrival: asyncio.Event | None = None
+
+    @property
+    def arrival(self) -> asyncio.Event:
+        """Set whenever something is published; consumers waiting on it then re-check."""
+        if self._arrival is None:
+            self._arrival = asyncio.Event()
+        return self._arrival
+
+    def _notify(self) -> None:
+        if self._arrival is not None:
+            self._arrival.set()
+            self._arrival = None
+
+    def push_back(self, queue: str, body: bytes, attempt: int) -> None:
+        self.queues[queue].appendleft((body, attempt))
+        self._notify()
+
+    async def connect(self) -> None:
+        return None
+
+    async def publish(self, queue: str, body: bytes) -> None:
+        self.queues[queue].append((body, 1))
+        self._notify()
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        for queue, body in items:
+            self.queues[queue].append((body, 1))
+        self._notify()
+
+    def consumer(self, queues: Sequence[str], *, worker_id: str) -> Consumer:
+        return _MemoryConsumer(self, queues)
+
+    async def queue_length(self, queue: str) -> int:
+        return len(self.queues[queue])
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        return self.dead[queue][:limit]
+
+    async def aclose(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"MemoryBroker({self.url!r})"

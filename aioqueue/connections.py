@@ -1,0 +1,70 @@
+"""Brokers and result backends chosen by URL scheme, imported only when used.
+
+A process that only talks to Redis never imports aio-pika, and the other way round.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .config import Config, mask_url
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .backends.base import ResultBackend
+    from .brokers.base import Broker
+
+__all__ = ["build_backend", "build_broker"]
+
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+
+
+def _scheme(url: str) -> str:
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ConfigurationError(f"not a URL: {mask_url(url)!r}")
+    return scheme.lower()
+
+
+def build_broker(url: str, conf: Config, app_name: str) -> Broker:
+    scheme = _scheme(url)
+    if scheme == "memory":
+        from .brokers.memory import MemoryBroker
+
+        return MemoryBroker(url)
+    if scheme in REDIS_SCHEMES:
+        from .brokers.redis import RedisBroker
+
+        return RedisBroker(
+            url,
+            key_prefix=conf.key_prefix,
+            connect_timeout=conf.broker_connect_timeout,
+            heartbeat_interval=conf.worker_heartbeat_interval,
+            heartbeat_ttl=conf.worker_heartbeat_ttl,
+            client_name=f"aioqueue:{app_name}",
+        )
+    raise ConfigurationError(
+        f"unsupported broker URL scheme {scheme!r} in {mask_url(url)!r} "
+        "(use memory://, redis://, rediss:// or unix://)"
+    )
+
+
+def build_backend(url: str, conf: Config, app_name: str) -> ResultBackend:
+    scheme = _scheme(url)
+    if scheme == "memory":
+        from .backends.memory import MemoryBackend
+
+        return MemoryBackend(url)
+    if scheme in REDIS_SCHEMES:
+        from .backends.redis import RedisBackend
+
+        return RedisBackend(
+            url,
+            key_prefix=conf.key_prefix,
+            connect_timeout=conf.broker_connect_timeout,
+            client_name=f"aioqueue:{app_name}",
+        )
+    raise ConfigurationError(
+        f"unsupported result backend URL scheme {scheme!r} in {mask_url(url)!r} "
+        "(use memory://, redis://, rediss:// or unix://)"
+    )

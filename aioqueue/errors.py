@@ -1,0 +1,82 @@
+"""Every exception aioqueue raises, in one tree.
+
+Library errors from redis-py or aio-pika are translated at the broker/backend seam into these
+(``raise ... from exc``), so user code never has to catch a third-party exception from us::
+
+    AioQueueError
+    ├── ConfigurationError
+    ├── TaskNotRegistered
+    ├── SerializationError
+    │   └── MessageTooLarge
+    ├── ProtocolError
+    ├── BrokerError
+    │   └── BrokerConnectionError
+    ├── ResultBackendError
+    ├── ResultTimeout              (also a TimeoutError)
+    ├── TaskFailed
+    │   └── RemoteError
+    └── WorkerLostError
+"""
+
+from __future__ import annotations
+
+
+class AioQueueError(Exception):
+    """Base class: catch this to catch anything aioqueue raises on its own account."""
+
+
+class ConfigurationError(AioQueueError):
+    """Raised when the app's configuration or a URL cannot be used."""
+
+
+class TaskNotRegistered(AioQueueError):
+    """Raised when a task name is not in the app's registry (only registered tasks run)."""
+
+
+class SerializationError(AioQueueError):
+    """Raised when arguments, a message or a result cannot be encoded or decoded."""
+
+
+class MessageTooLarge(SerializationError):
+    """Raised when an encoded message exceeds ``max_message_size``."""
+
+
+class ProtocolError(AioQueueError):
+    """Raised when a message has an unknown envelope version or content type."""
+
+
+class BrokerError(AioQueueError):
+    """Raised when the broker refuses or fails an operation."""
+
+
+class BrokerConnectionError(BrokerError):
+    """Raised when the broker cannot be reached; the message names the URL, password masked."""
+
+
+class ResultBackendError(AioQueueError):
+    """Raised when the result backend fails to store or fetch an outcome."""
+
+
+class ResultTimeout(AioQueueError, TimeoutError):
+    """Raised when ``AsyncResult.get(timeout=...)`` runs out of time."""
+
+
+class TaskFailed(AioQueueError):
+    """Raised by ``AsyncResult.get()`` for a failed task whose exception cannot be rebuilt."""
+
+
+class RemoteError(TaskFailed):
+    """A task failed with an exception type that cannot be imported or rebuilt here.
+
+    Carries the remote type name, message and traceback so nothing about the failure is lost.
+    """
+
+    def __init__(self, exc_type: str, message: str, traceback: str | None = None) -> None:
+        super().__init__(f"{exc_type}: {message}")
+        self.exc_type = exc_type
+        self.message = message
+        self.remote_traceback = traceback
+
+
+class WorkerLostError(AioQueueError):
+    """Raised (and recorded as FAILURE) when a process-pool child dies while running a task."""

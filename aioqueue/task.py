@@ -1,0 +1,176 @@
+"""Typed task handles: ``Task[P, R]``, send options, and signatures.
+
+``@app.task`` turns ``async def add(x: int, y: int) -> int`` into a ``Task[[int, int], int]``:
+``await add.send(2, 3)`` type-checks its arguments against the function and returns an
+``AsyncResult[int]``. Options for the send itself live in ``add.options(...)`` so they never
+collide with the task's own keyword arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
+
+from .errors import ConfigurationError
+from .result import AsyncResult, EagerResult
+
+if TYPE_CHECKING:
+    from .app import App
+
+__all__ = ["Executor", "SendOptions", "Signature", "Task", "TaskOptions"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Executor = Literal["async", "thread", "process"]
+EXECUTORS: tuple[str, ...] = ("async", "thread", "process")
+
+
+@dataclass(frozen=True, slots=True)
+class SendOptions:
+    """How one message is sent; everything here is optional and validated at ``options()``."""
+
+    task_id: str | None = None
+    queue: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    result_ttl: float | None = None
+    parent_id: str | None = None
+    root_id: str | None = None
+
+
+_SEND_OPTION_NAMES = frozenset(SendOptions.__dataclass_fields__)
+
+
+def make_send_options(base: SendOptions, options: dict[str, Any]) -> SendOptions:
+    unknown = set(options) - _SEND_OPTION_NAMES
+    if unknown:
+        raise ConfigurationError(
+            f"unknown send option(s) {sorted(unknown)}; known: {sorted(_SEND_OPTION_NAMES)}"
+        )
+    if "headers" in options:
+        options = {**options, "headers": {**base.headers, **(options["headers"] or {})}}
+    return replace(base, **options)
+
+
+def is_async_callable(fn: Any) -> bool:
+    """True for coroutine functions, also behind ``functools.partial`` and ``__call__``."""
+    while isinstance(fn, partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    )
+
+
+class Task(Generic[P, R]):
+    """A registered task. Call it to run the function here; ``send`` it to run it on a worker."""
+
+    def __init__(
+        self,
+        app: App,
+        fn: Callable[P, Any],
+        *,
+        name: str,
+        queue: str | None,
+        executor: Executor,
+        result_ttl: float | None,
+        track_started: bool | None,
+    ) -> None:
+        if executor not in EXECUTORS:
+            raise ConfigurationError(f"executor must be one of {EXECUTORS}, not {executor!r}")
+        is_async = is_async_callable(fn)
+        if is_async and executor != "async":
+            raise ConfigurationError(
+                f"task {name!r} is a coroutine function; executor={executor!r} is for sync "
+                "functions (an async task already runs on the worker's event loop)"
+            )
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.executor: Executor = executor if not is_async else "async"
+        self.is_async = is_async
+        self.result_ttl = result_ttl
+        self.track_started = track_started
+        self.signature = inspect.signature(fn)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Run the function here and now, as if it were not a task (await it if it is async)."""
+        return self.fn(*args, **kwargs)
+
+    async def send(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+        """Publish one message (one network round trip) and return a handle on its result."""
+        return await self.app.send_message(self, args, kwargs, None)
+
+    async def send_many(self, calls: Iterable[tuple[Any, ...] | Signature[P, R]]) -> list[AsyncResult[R]]:
+        """Publish many messages in one round trip: each item is an args tuple or ``task.s(...)``."""
+        return await self.app.send_batch(self, calls, None)
+
+    def options(self, **options: Any) -> TaskOptions[P, R]:
+        """Send options for the next send: task_id, queue, headers, result_ttl, parent_id."""
+        return TaskOptions(self, make_send_options(SendOptions(), options))
+
+    def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[P, R]:
+        """A signature: this task with arguments bound, to send later or in a batch."""
+        return Signature(self, args, kwargs, SendOptions())
+
+    async def apply(self, *args: P.args, **kwargs: P.kwargs) -> EagerResult[R]:
+        """Run the task here through the worker's execution path: states, errors, no broker."""
+        return await self.app.apply_task(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} executor={self.executor} queue={self.queue!r}>"
+
+
+class TaskOptions(Generic[P, R]):
+    """A task with send options bound: ``add.options(queue="high").send(2, 3)``."""
+
+    __slots__ = ("_options", "task")
+
+    def __init__(self, task: Task[P, R], options: SendOptions) -> None:
+        self.task = task
+        self._options = options
+
+    def options(self, **options: Any) -> TaskOptions[P, R]:
+        return TaskOptions(self.task, make_send_options(self._options, options))
+
+    async def send(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+        return await self.task.app.send_message(self.task, args, kwargs, self._options)
+
+    async def send_many(self, calls: Iterable[tuple[Any, ...] | Signature[P, R]]) -> list[AsyncResult[R]]:
+        return await self.task.app.send_batch(self.task, calls, self._options)
+
+    def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[P, R]:
+        return Signature(self.task, args, kwargs, self._options)
+
+
+class Signature(Generic[P, R]):
+    """A task with its arguments (and send options) bound, not yet sent."""
+
+    __slots__ = ("args", "kwargs", "options", "task")
+
+    def __init__(
+        self,
+        task: Task[P, R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: SendOptions,
+    ) -> None:
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        self.options = options
+
+    def set(self, **options: Any) -> Signature[P, R]:
+        """A copy with more send options."""
+        return Signature(self.task, self.args, self.kwargs, make_send_options(self.options, options))
+
+    async def send(self) -> AsyncResult[R]:
+        return await self.task.app.send_message(self.task, self.args, self.kwargs, self.options)
+
+    def __repr__(self) -> str:
+        return f"<Signature {self.task.name}{self.args!r} {self.kwargs!r}>"

@@ -1,0 +1,5 @@
+"""The worker side: run loop, slots, executors, process-pool children."""
+
+from .core import Worker
+
+__all__ = ["Worker"]

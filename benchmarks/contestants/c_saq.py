@@ -1,0 +1,77 @@
+"""saq: Redis only. Worker: ``saq c_saq.settings``.
+
+Speed settings: concurrency=200 (default 10); uvloop policy set here; results pushed over
+saq's pub/sub multiplexer (Job.refresh(until_complete=...)), not polled. No batch enqueue API
+(Queue.map gathers single enqueues). No process executor: sync functions run in the worker's
+ThreadPoolExecutor() (default size min(32, cpus+4) = 6 here; not configurable).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from _common import REDIS_URL, Contestant, sleep_ms, use_uvloop, venv_bin
+from saq import Queue
+
+LOOP = use_uvloop()
+CONCURRENCY = 200
+queue = Queue.from_url(REDIS_URL)
+
+
+async def noop(ctx: dict[str, Any]) -> None:
+    return None
+
+
+def block(ctx: dict[str, Any], *, ms: float) -> None:
+    sleep_ms(ms)
+
+
+settings = {
+    "queue": queue,
+    "functions": [noop, block],
+    "concurrency": CONCURRENCY,
+}
+
+
+class Saq(Contestant):
+    name: ClassVar[str] = "saq"
+    dists: ClassVar[tuple[str, ...]] = ("saq", "redis", "hiredis", "uvloop")
+    unsupported: ClassVar[dict[str, str]] = {
+        "enqueue_batch": "no batch enqueue API (Queue.map gathers single enqueues)",
+        "cpu": "no process executor (sync functions run in a thread pool)",
+    }
+
+    def __init__(self, transport: str) -> None:
+        super().__init__(transport)
+        self.settings = {
+            "worker": f"saq c_saq.settings; concurrency={CONCURRENCY}, other defaults "
+            "(Queue max_concurrent_ops=20)",
+            "client": "Queue.enqueue(); Job.refresh(until_complete=t) (pub/sub, no polling)",
+            "loop": LOOP,
+            "sync": "block: sync function -> saq's ThreadPoolExecutor() (6 threads here)",
+            "serializer": "json (default)",
+        }
+
+    async def start(self) -> None:
+        await queue.connect()
+
+    async def stop(self) -> None:
+        await queue.disconnect()
+
+    async def send(self, kind: str = "noop", ms: float = 0.0) -> Any:
+        if kind == "noop":
+            return await queue.enqueue("noop")
+        return await queue.enqueue(kind, ms=ms)
+
+    async def wait(self, handle: Any, timeout: float) -> None:
+        await handle.refresh(until_complete=timeout)
+
+    async def count_remaining(self, handles: Any) -> int:
+        return int(await queue.count("incomplete"))
+
+    def worker_argv(self, kind: str) -> tuple[list[str], dict[str, str]]:
+        return [venv_bin("saq"), "c_saq.settings", "--workers", "1"], {"BENCH_KIND": kind}
+
+
+def make(transport: str) -> Contestant:
+    return Saq(transport)
