@@ -15,18 +15,19 @@ from typing import Any, NoReturn
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
 from .config import mask_url
 from .errors import AioQueueError, BrokerConnectionError, BrokerError
 
 __all__ = ["CommandBatcher", "connect_redis", "redis_errors_as"]
 
-Stage = Callable[[Pipeline], None]
+# redis-py's annotations assume str replies; we speak bytes, so clients are typed loosely.
+RedisClient = Any
+Stage = Callable[[Any], object]
 _MAX_BATCH = 512
 
 
-def connect_redis(url: str, *, connect_timeout: float, client_name: str) -> Redis:
+def connect_redis(url: str, *, connect_timeout: float, client_name: str) -> RedisClient:
     """A client for ``redis://``, ``rediss://`` or ``unix://`` URLs (connects lazily)."""
     return Redis.from_url(
         url,
@@ -65,7 +66,7 @@ class CommandBatcher:
     """
 
     def __init__(
-        self, client: Redis, translate: Callable[[], contextlib.AbstractContextManager[None]]
+        self, client: RedisClient, translate: Callable[[], contextlib.AbstractContextManager[None]]
     ) -> None:
         self._client = client
         self._translate = translate

@@ -130,6 +130,8 @@ class App:
     @overload
     def task(
         self,
+        fn: None = None,
+        /,
         *,
         name: str | None = None,
         queue: str | None = None,
@@ -228,7 +230,7 @@ class App:
         self._broker_ready = self._backend_ready = False
         if broker is not None:
             await broker.aclose()
-        if backend is not None and backend is not broker:
+        if backend is not None:
             await backend.aclose()
         # Clients are bound to the event loop they ran on: what we built from a URL is built
         # again on next use. Memory transports keep their state (it *is* the queue).
@@ -342,7 +344,7 @@ class App:
         token = backend.send_token() if backend is not None else None
         return AsyncResult(message.id, self, task_name=name, token=token)
 
-    def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's spelling
+    def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A handle on a task sent by anyone, by its id."""
         return AsyncResult(task_id, self)
 
@@ -361,8 +363,9 @@ class App:
         module = sys.modules.get(self._defined_in)
         for attr, value in vars(module or {}).items():
             if value is self:
-                self.import_path = f"{_main_module_name(self._defined_in)}:{attr}"
-                return self.import_path
+                path = f"{_main_module_name(self._defined_in)}:{attr}"
+                self.import_path = path
+                return path
         raise ConfigurationError(
             f"cannot find app {self.name!r} at module level in {self._defined_in!r}; "
             "process tasks need an importable app (set app.import_path = 'module:attr')"

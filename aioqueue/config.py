@@ -91,10 +91,8 @@ class Config:
         for f in fields(Config):
             if f.name.startswith("_"):
                 continue
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            else:
-                default = f.default_factory()  # type: ignore[misc]
+            factory: Any = f.default_factory
+            default = f.default if f.default is not dataclasses.MISSING else factory()
             value = self._explicit.get(f.name, default)
             env_name = ENV_PREFIX + _ENV_ALIASES.get(f.name, f.name.upper())
             raw = os.environ.get(env_name)

@@ -6,6 +6,7 @@ Library errors from redis-py or aio-pika are translated at the broker/backend se
     AioQueueError
     ├── ConfigurationError
     ├── TaskNotRegistered
+    ├── InvalidArguments            (also a TypeError)
     ├── SerializationError
     │   └── MessageTooLarge
     ├── ProtocolError
@@ -31,6 +32,10 @@ class ConfigurationError(AioQueueError):
 
 class TaskNotRegistered(AioQueueError):
     """Raised when a task name is not in the app's registry (only registered tasks run)."""
+
+
+class InvalidArguments(AioQueueError, TypeError):
+    """Recorded when a message's arguments do not bind to the task's signature."""
 
 
 class SerializationError(AioQueueError):

@@ -57,7 +57,8 @@ def load_app(path: str) -> App:
     if not isinstance(app, App):
         raise ConfigurationError(f"{path!r} is a {type(app).__name__}, not an aioqueue App")
     if app.import_path is None:
-        app.import_path = f"{Path(module_name).stem if module_name.endswith('.py') else module_name}:{attr or _attr_of(module, app)}"
+        importable = Path(module_name).stem if module_name.endswith(".py") else module_name
+        app.import_path = f"{importable}:{attr or _attr_of(module, app)}"
     return app
 
 

@@ -203,14 +203,22 @@ class MessageCodec:
             date_done=data.get("date_done"),
         )
 
-    def peek_id(self, body: bytes) -> str | None:
-        """Best-effort task id of a body that failed to decode, so its FAILURE can be stored."""
+    def peek_address(self, body: bytes) -> tuple[str | None, str | None]:
+        """Best-effort (task id, reply_to) of a body that failed to decode.
+
+        With them the worker can still record the FAILURE and wake the sender's waiter.
+        """
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return None
-        value = data.get("id") if isinstance(data, dict) else None
-        return value if isinstance(value, str) else None
+            return None, None
+        if not isinstance(data, dict):
+            return None, None
+        task_id, reply_to = data.get("id"), data.get("reply_to")
+        return (
+            task_id if isinstance(task_id, str) else None,
+            reply_to if isinstance(reply_to, str) else None,
+        )
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeAlias, TypeVar
 
 from .errors import ConfigurationError
 from .result import AsyncResult, EagerResult
@@ -64,6 +64,14 @@ def is_async_callable(fn: Any) -> bool:
     )
 
 
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """The signature with string annotations resolved where possible, for readable errors."""
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except Exception:
+        return inspect.signature(fn)
+
+
 class Task(Generic[P, R]):
     """A registered task. Call it to run the function here; ``send`` it to run it on a worker."""
 
@@ -94,7 +102,7 @@ class Task(Generic[P, R]):
         self.is_async = is_async
         self.result_ttl = result_ttl
         self.track_started = track_started
-        self.signature = inspect.signature(fn)
+        self.signature = _signature(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -106,8 +114,8 @@ class Task(Generic[P, R]):
         """Publish one message (one network round trip) and return a handle on its result."""
         return await self.app.send_message(self, args, kwargs, None)
 
-    async def send_many(self, calls: Iterable[tuple[Any, ...] | Signature[P, R]]) -> list[AsyncResult[R]]:
-        """Publish many messages in one round trip: each item is an args tuple or ``task.s(...)``."""
+    async def send_many(self, calls: Iterable[Call[P, R]]) -> list[AsyncResult[R]]:
+        """Publish many messages in one round trip; items are args tuples or ``task.s(...)``."""
         return await self.app.send_batch(self, calls, None)
 
     def options(self, **options: Any) -> TaskOptions[P, R]:
@@ -141,7 +149,7 @@ class TaskOptions(Generic[P, R]):
     async def send(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         return await self.task.app.send_message(self.task, args, kwargs, self._options)
 
-    async def send_many(self, calls: Iterable[tuple[Any, ...] | Signature[P, R]]) -> list[AsyncResult[R]]:
+    async def send_many(self, calls: Iterable[Call[P, R]]) -> list[AsyncResult[R]]:
         return await self.task.app.send_batch(self.task, calls, self._options)
 
     def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[P, R]:
@@ -167,10 +175,14 @@ class Signature(Generic[P, R]):
 
     def set(self, **options: Any) -> Signature[P, R]:
         """A copy with more send options."""
-        return Signature(self.task, self.args, self.kwargs, make_send_options(self.options, options))
+        options_ = make_send_options(self.options, options)
+        return Signature(self.task, self.args, self.kwargs, options_)
 
     async def send(self) -> AsyncResult[R]:
         return await self.task.app.send_message(self.task, self.args, self.kwargs, self.options)
 
     def __repr__(self) -> str:
         return f"<Signature {self.task.name}{self.args!r} {self.kwargs!r}>"
+
+
+Call: TypeAlias = "tuple[Any, ...] | Signature[P, R]"

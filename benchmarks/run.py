@@ -463,7 +463,8 @@ class Runner:
         while self.reps_for(reps, t0, len(p50)):
             sampler = ConnSampler(self.driver.pid) if cmd == "fanin" else None
             try:
-                r = self.driver.call(cmd, 150, n=n, timeout=120)
+                limit = 20.0 if self.plan.quick else 60.0
+                r = self.driver.call(cmd, limit + 30, n=n, timeout=limit)
             finally:
                 peak = sampler.stop() if sampler else 0
             p50.append(r["p50_ms"])

@@ -29,7 +29,9 @@ class MemoryBackend:
     def send_token(self) -> object:
         return None
 
-    async def store(self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None) -> None:
+    async def store(
+        self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
+    ) -> None:
         self._final[task_id] = (outcome, time.monotonic() + ttl)
         self._states.pop(task_id, None)
         for waiter in self._waiters.pop(task_id, ()):

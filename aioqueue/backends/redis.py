@@ -10,9 +10,10 @@ Keys and channels under prefix ``p``::
 
 One pub/sub connection per client process serves every waiter. The sending process already
 listens on its reply channel before it sends, so its ``get()`` needs no subscription and no
-read: the outcome arrives by itself. Outcomes pushed to this process are kept in a bounded cache of
-recent ones, so a wait that starts after the push still finds them. A waiter that may have missed a push (the task was sent by another process,
-the listener reconnected, or the cache overflowed) subscribes to ``p:done:<id>`` first and
+read: the outcome arrives by itself. Outcomes pushed to this process are kept in a bounded
+cache of recent ones, so a wait that starts after the push still finds them. A waiter that may
+have missed a push (the task was sent by another process, the listener reconnected, or the
+cache overflowed) subscribes to ``p:done:<id>`` first and
 reads the key second, so a result stored before the wait began is never missed.
 """
 
@@ -23,9 +24,8 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
-from typing import Any
-
-from redis.asyncio.client import Pipeline, PubSub
+from functools import partial
+from typing import Any, cast
 
 from .._redis import CommandBatcher, connect_redis, redis_errors_as
 from ..config import mask_url
@@ -46,7 +46,7 @@ class _Listener:
         self.channel = f"{backend.key_prefix}:reply:{uuid.uuid4().hex}"
         self.epoch = 0
         self.evictions = 0
-        self._pubsub: PubSub | None = None
+        self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._waiters: dict[str, asyncio.Future[bytes]] = {}
@@ -229,7 +229,7 @@ class RedisBackend:
         return (listener.epoch, listener.evictions)
 
     def stage_store(
-        self, pipe: Pipeline, task_id: str, outcome: bytes, ttl: float, reply_to: str | None
+        self, pipe: Any, task_id: str, outcome: bytes, ttl: float, reply_to: str | None
     ) -> None:
         """Add a final store and its wake-ups to a pipeline (lets a broker ack in the same trip)."""
         pipe.set(self._result_key(task_id), outcome, px=max(1, int(ttl * 1000)))
@@ -237,19 +237,29 @@ class RedisBackend:
             pipe.publish(reply_to, task_id.encode() + b" " + outcome)
         pipe.publish(f"{self.key_prefix}:done:{task_id}", b"")
 
-    async def store(self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None) -> None:
-        await self.batcher.run(lambda pipe: self.stage_store(pipe, task_id, outcome, ttl, reply_to))
+    async def store(
+        self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
+    ) -> None:
+        await self.batcher.run(
+            partial(
+                self.stage_store, task_id=task_id, outcome=outcome, ttl=ttl, reply_to=reply_to
+            )
+        )
 
     async def store_state(self, task_id: str, outcome: bytes, *, ttl: float) -> None:
         key, px = self._state_key(task_id), max(1, int(ttl * 1000))
-        await self.batcher.run(lambda pipe: pipe.set(key, outcome, px=px))
+
+        def stage(pipe: Any) -> None:
+            pipe.set(key, outcome, px=px)
+
+        await self.batcher.run(stage)
 
     async def get(self, task_id: str) -> bytes | None:
         with self.errors():
             final, state = await self.client.mget(
                 self._result_key(task_id), self._state_key(task_id)
             )
-        return final if final is not None else state  # type: ignore[no-any-return]
+        return cast(bytes | None, final if final is not None else state)
 
     def spawn_fetch(self, task_id: str) -> None:
         """Read a stored outcome in the background and hand it to its waiter."""
@@ -283,7 +293,7 @@ class RedisBackend:
                         await listener.subscribe_done(task_id)
                         stored = await self.client.get(self._result_key(task_id))
                     if stored is not None:
-                        return stored  # type: ignore[no-any-return]
+                        return cast(bytes, stored)
                 return await waiter
         except TimeoutError:
             raise ResultTimeout(f"no result for task {task_id} within {timeout}s") from None

@@ -28,10 +28,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
-from .._redis import CommandBatcher, connect_redis, redis_errors_as
+from .._redis import CommandBatcher, RedisClient, connect_redis, redis_errors_as
 from ..config import mask_url
 from .base import Consumer, DeadLetter, Delivery, attempt_of
 
@@ -135,7 +133,7 @@ class _RedisDelivery:
     def redelivered(self) -> bool:
         return self.attempt > 1
 
-    def stage_ack(self, pipe: Pipeline) -> None:
+    def stage_ack(self, pipe: Any) -> None:
         """Add this delivery's ack to a pipeline (lets a backend store and ack in one trip)."""
         pipe.lrem(self._processing, -1, self.body)
 
@@ -146,7 +144,7 @@ class _RedisDelivery:
         keys = self._consumer.broker.keys(self.queue)
         processing, body = self._processing, self.body
 
-        def stage(pipe: Pipeline) -> None:
+        def stage(pipe: Any) -> None:
             pipe.lrem(processing, -1, body)
             pipe.rpush(keys.queue, body)
 
@@ -168,7 +166,7 @@ class _RedisConsumer:
         self._buffer: list[Delivery] = []
         self._waiters: dict[str, asyncio.Task[bytes]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
-        self._blocking: Redis | None = None
+        self._blocking: RedisClient | None = None
 
     async def start(self) -> None:
         await self._beat()
@@ -223,7 +221,7 @@ class _RedisConsumer:
         while True:
             with self.broker.errors():
                 body: bytes | None = await self._blocking.blmove(
-                    keys.queue, self._processing[queue], 1.0, "RIGHT", "LEFT"
+                    keys.queue, self._processing[queue], 1, "RIGHT", "LEFT"
                 )
             if body is not None:
                 return body
@@ -231,7 +229,7 @@ class _RedisConsumer:
     async def _beat(self) -> None:
         ttl_ms = int(self.broker.heartbeat_ttl * 1000)
 
-        def stage(pipe: Pipeline) -> None:
+        def stage(pipe: Any) -> None:
             for keys in self._keys.values():
                 # Heartbeat before membership: a sweep between the two must not see us dead.
                 pipe.set(keys.alive(self.worker_id), b"1", px=ttl_ms)
@@ -252,15 +250,11 @@ class _RedisConsumer:
 
     async def close(self) -> None:
         """Stop waiting, stop beating, and give back everything this worker still holds."""
-        tasks = [*self._waiters.values()]
         if self._heartbeat is not None:
-            tasks.append(self._heartbeat)  # type: ignore[arg-type]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        self._waiters.clear()
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        await self._end_waits()
         # Buffered deliveries never started: they go back as they were. Whatever else is left
         # in the processing lists was running when the worker gave up on it: attempt raised.
         for delivery in self._take_buffered(len(self._buffer)):
@@ -273,6 +267,27 @@ class _RedisConsumer:
                 await self.broker.client.delete(keys.alive(self.worker_id))
         if self._blocking is not None:
             await self._blocking.aclose()
+
+    async def _end_waits(self) -> None:
+        """End in-flight BLMOVEs by closing their connection instead of cancelling them.
+
+        Cancelling a blocked redis-py read can leave it stuck mid-cleanup; a closed socket makes
+        it fail at once. A message the server moved just before that is in our processing list,
+        and one that came back with a reply goes to the buffer: either way it is returned below.
+        """
+        waiters, self._waiters = self._waiters, {}
+        if not waiters:
+            return
+        if self._blocking is not None:
+            await self._blocking.connection_pool.disconnect()
+        for queue, task in waiters.items():
+            try:
+                async with asyncio.timeout(2.0):
+                    body = await task
+            except (Exception, TimeoutError):
+                task.cancel()
+                continue
+            self._buffer.append(_RedisDelivery(self, queue, self._processing[queue], body))
 
 
 class RedisBroker:
@@ -301,7 +316,7 @@ class RedisBroker:
         self.return_script = self.client.register_script(_RETURN)
         self._keys: dict[str, _Keys] = {}
 
-    def new_client(self, role: str) -> Redis:
+    def new_client(self, role: str) -> RedisClient:
         return connect_redis(
             self._raw_url,
             connect_timeout=self._connect_timeout,
@@ -323,14 +338,18 @@ class RedisBroker:
 
     async def publish(self, queue: str, body: bytes) -> None:
         key = self.keys(queue).queue
-        await self.batcher.run(lambda pipe: pipe.lpush(key, body))
+
+        def stage(pipe: Any) -> None:
+            pipe.lpush(key, body)
+
+        await self.batcher.run(stage)
 
     async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         grouped: dict[str, list[bytes]] = {}
         for queue, body in items:
             grouped.setdefault(self.keys(queue).queue, []).append(body)
 
-        def stage(pipe: Pipeline) -> None:
+        def stage(pipe: Any) -> None:
             for key, bodies in grouped.items():
                 for start in range(0, len(bodies), 1000):
                     pipe.lpush(key, *bodies[start : start + 1000])
@@ -349,7 +368,7 @@ class RedisBroker:
         record = orjson.dumps({"queue": queue, "reason": reason, "at": time.time(), **text})
         dead = self.keys(queue).dead
 
-        def stage(pipe: Pipeline) -> None:
+        def stage(pipe: Any) -> None:
             pipe.lpush(dead, record)
             if processing is not None:
                 pipe.lrem(processing, -1, body)
@@ -375,9 +394,6 @@ class RedisBroker:
 
 def _dead_letter(raw: bytes) -> DeadLetter:
     data = orjson.loads(raw)
-    if "body" in data:
-        body = data["body"].encode("utf-8")
-    else:
-        body = base64.b64decode(data["body_b64"])
+    body = data["body"].encode() if "body" in data else base64.b64decode(data["body_b64"])
     return DeadLetter(queue=data["queue"], body=body, reason=data["reason"], at=data["at"])
 

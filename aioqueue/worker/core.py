@@ -31,6 +31,8 @@ import reprlib
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AioQueueError, ConfigurationError, TaskNotRegistered
@@ -269,22 +271,27 @@ class Worker:
         *,
         ack: bool = True,
     ) -> None:
-        """Store the outcome, then ack (or dead-letter). Retries through short outages.
+        """Store the outcome, then ack; or, for bad input, dead-letter first, then store.
 
-        If the broker or backend stays away, the message is left unacked: it goes back to
-        its queue at shutdown, or through another worker's sweep if this one dies.
+        Dead-lettering first means a client that sees the FAILURE also finds the message kept.
+        Retries through short outages; if the broker or backend stays away, the message is left
+        unacked: it goes back to its queue at shutdown, or through another worker's sweep.
         """
         assert self._backend is not None
-        for delay in (*_SETTLE_RETRY_DELAYS, None):
+        steps: list[Callable[[], Awaitable[None]]] = []
+        if dead_reason is not None:
+            steps.append(partial(delivery.dead_letter, dead_reason))
+        if raw is not None and task_id is not None:
+            steps.append(partial(self._backend.store, task_id, raw, ttl=ttl, reply_to=reply_to))
+        if dead_reason is None and ack:
+            steps.append(delivery.ack)
+        delays = iter(_SETTLE_RETRY_DELAYS)
+        while steps:
             try:
-                if raw is not None and task_id is not None:
-                    await self._backend.store(task_id, raw, ttl=ttl, reply_to=reply_to)
-                if dead_reason is not None:
-                    await delivery.dead_letter(dead_reason)
-                elif ack:
-                    await delivery.ack()
-                return
+                await steps[0]()
+                del steps[0]
             except AioQueueError as exc:
+                delay = next(delays, None)
                 if delay is None:
                     log.error("could not settle %s: %s; leaving it unacked", delivery.queue, exc)
                     return
@@ -293,13 +300,15 @@ class Worker:
 
     async def _reject(self, delivery: Delivery, message: Message | None, error: Exception) -> None:
         """Bad input: record FAILURE where an id is known, keep the raw message as a dead letter."""
-        task_id = message.id if message is not None else self.app.codec.peek_id(delivery.body)
+        if message is not None:
+            task_id, reply_to = message.id, message.reply_to
+        else:
+            task_id, reply_to = self.app.codec.peek_address(delivery.body)
         reason = f"{type(error).__name__}: {error}"
         raw = None
         if task_id is not None:
             raw = self.app.codec.encode_outcome(failure_outcome(task_id, error))
         ttl = (message.result_ttl if message else None) or self.app.conf.result_ttl
-        reply_to = message.reply_to if message else None
         await self._settle(delivery, task_id, reply_to, raw, ttl, reason)
         log.error("rejected a message on %s to the dead letters: %s", delivery.queue, reason)
 

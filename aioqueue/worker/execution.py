@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..errors import AioQueueError, SerializationError
+from ..errors import InvalidArguments, SerializationError
 from ..message import Message, Outcome, States
 from .executors import ChildTaskError, OnStart, Runner
 
@@ -19,11 +19,7 @@ if TYPE_CHECKING:
     from ..app import App
     from ..task import Task
 
-__all__ = ["BadInput", "execute", "execute_eagerly", "failure_outcome", "type_name"]
-
-
-class BadInput(AioQueueError):
-    """The message itself is at fault (wrong arguments, unencodable result): dead-letter it."""
+__all__ = ["execute", "execute_eagerly", "failure_outcome", "type_name"]
 
 
 def type_name(exc_type: type[BaseException]) -> str:
@@ -87,12 +83,12 @@ async def execute(
         if outcome.exc_type == "builtins.TypeError":
             reason = _arguments_fit(task, message)
             if reason is not None:
-                return failure_outcome(message.id, BadInput(reason)), reason
+                return failure_outcome(message.id, InvalidArguments(reason)), reason
         return outcome, None
     except TypeError as exc:
         reason = _arguments_fit(task, message)
         if reason is not None:
-            return failure_outcome(message.id, BadInput(reason)), reason
+            return failure_outcome(message.id, InvalidArguments(reason)), reason
         return failure_outcome(message.id, exc), None
     except Exception as exc:
         return failure_outcome(message.id, exc), None
@@ -105,7 +101,8 @@ def encode_or_fail(app: App, outcome: Outcome) -> tuple[bytes, str | None]:
         return app.codec.encode_outcome(outcome), None
     except SerializationError as exc:
         reason = f"result of {outcome.task_id} cannot be serialized: {exc}"
-        return app.codec.encode_outcome(failure_outcome(outcome.task_id, BadInput(reason))), reason
+        failure = failure_outcome(outcome.task_id, SerializationError(reason))
+        return app.codec.encode_outcome(failure), reason
 
 
 async def execute_eagerly(app: App, task: Task[Any, Any], message: Message) -> Outcome:

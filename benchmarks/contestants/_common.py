@@ -191,6 +191,21 @@ async def delete_amqp_queues(names: Sequence[str]) -> None:
         await conn.close()
 
 
+async def delete_amqp_exchanges(names: Sequence[str]) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(AMQP_URL, timeout=5)
+    try:
+        for name in names:
+            ch = await conn.channel()
+            try:
+                await ch.exchange_delete(name)
+            except Exception:
+                pass
+    finally:
+        await conn.close()
+
+
 async def purge_amqp_queues(names: Sequence[str]) -> None:
     import aio_pika
 

@@ -38,7 +38,8 @@ class Floor(Contestant):
         self.exchange: Any = None
         self.settings = {
             "variant": VARIANT,
-            "client": "redis.asyncio (hiredis), uvloop" if transport == "redis" else
+            "client": "redis.asyncio (hiredis), BlockingConnectionPool(64), uvloop"
+            if transport == "redis" else
             "aio-pika, publisher confirms, persistent messages, uvloop",
             "worker": "floor_worker.py: 200 coroutines one-by-one, or 2 loops x 100 per round "
             "trip" if transport == "redis" else "aio-pika consume, manual ack, prefetch 100",
@@ -48,7 +49,8 @@ class Floor(Contestant):
         }
 
     async def start(self) -> None:
-        self.r = aioredis.Redis.from_url(REDIS_URL)
+        pool = aioredis.BlockingConnectionPool.from_url(REDIS_URL, max_connections=64)
+        self.r = aioredis.Redis(connection_pool=pool)
         self.pubsub = self.r.pubsub()
         await self.pubsub.subscribe(self.channel)
         self.listener = asyncio.create_task(self._listen())

@@ -8,11 +8,11 @@ Awaiting a result polls ``is_ready`` every check_interval (default 0.2 s; 0.01 s
 
 from __future__ import annotations
 
-import os
 from typing import Any, ClassVar
 
 from _common import (
-    AMQP_URL, REDIS_URL, RESULT_TTL, TRANSPORT, Contestant, delete_amqp_queues,
+    AMQP_URL, REDIS_URL, RESULT_TTL, TRANSPORT, Contestant, delete_amqp_exchanges,
+    delete_amqp_queues,
     purge_amqp_queues, queue_name, sleep_ms, spin_ms, venv_bin,
 )
 from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
@@ -115,23 +115,9 @@ class Taskiq(Contestant):
         await super().cleanup()
         if self.transport == "amqp":
             await delete_amqp_queues(AMQP_QUEUES)
-            await delete_exchange(queue_name("taskiq-x"))
-
-
-async def delete_exchange(name: str) -> None:
-    import aio_pika
-
-    conn = await aio_pika.connect(AMQP_URL)
-    try:
-        ch = await conn.channel()
-        await ch.exchange_delete(name)
-    except Exception:
-        pass
-    finally:
-        await conn.close()
+            await delete_amqp_exchanges([queue_name("taskiq-x")])
 
 
 def make(transport: str) -> Contestant:
     assert transport == TRANSPORT, (transport, TRANSPORT)
-    _ = os
     return Taskiq(transport)
