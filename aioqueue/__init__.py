@@ -1,13 +1,13 @@
 """aioqueue: an asyncio-native distributed task queue.
 
-    app = App("proj", broker="redis://127.0.0.1:6379/0")
+app = App("proj", broker="redis://127.0.0.1:6379/0")
 
-    @app.task
-    async def add(x: int, y: int) -> int:
-        return x + y
+@app.task
+async def add(x: int, y: int) -> int:
+    return x + y
 
-    result = await add.send(2, 3)
-    assert await result.get(timeout=5) == 5
+result = await add.send(2, 3)
+assert await result.get(timeout=5) == 5
 """
 
 import logging

@@ -281,4 +281,3 @@ class MessageCodec:
                 f"unknown envelope version {version!r} (this aioqueue reads {ENVELOPE_VERSION})"
             )
         return data
-

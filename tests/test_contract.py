@@ -145,7 +145,7 @@ async def test_unknown_task_is_failure_and_dead_letter(make_app: AppFactory) -> 
     tasks = register_basics(app)
     async with app, running_worker(app):
         result = await app.send_task("no.such.task", [1, 2])
-        with pytest.raises(TaskNotRegistered, match="no.such.task"):
+        with pytest.raises(TaskNotRegistered, match=r"no\.such\.task"):
             await result.get(timeout=10)
         dead = await app.broker.dead_letters("default")
         assert len(dead) == 1

@@ -241,9 +241,7 @@ class RedisBackend:
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
     ) -> None:
         await self.batcher.run(
-            partial(
-                self.stage_store, task_id=task_id, outcome=outcome, ttl=ttl, reply_to=reply_to
-            )
+            partial(self.stage_store, task_id=task_id, outcome=outcome, ttl=ttl, reply_to=reply_to)
         )
 
     async def store_state(self, task_id: str, outcome: bytes, *, ttl: float) -> None:

@@ -396,4 +396,3 @@ def _dead_letter(raw: bytes) -> DeadLetter:
     data = orjson.loads(raw)
     body = data["body"].encode() if "body" in data else base64.b64decode(data["body_b64"])
     return DeadLetter(queue=data["queue"], body=body, reason=data["reason"], at=data["at"])
-

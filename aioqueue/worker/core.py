@@ -121,7 +121,10 @@ class Worker:
         await self._consumer.start()
         log.info(
             "worker %s consuming %s from %s (concurrency %d)",
-            self.id, ",".join(self.queues), broker.url, self.concurrency,
+            self.id,
+            ",".join(self.queues),
+            broker.url,
+            self.concurrency,
         )
         self.ready.set()
         consuming = asyncio.get_running_loop().create_task(self._consume(self._consumer))
@@ -300,6 +303,7 @@ class Worker:
 
     async def _reject(self, delivery: Delivery, message: Message | None, error: Exception) -> None:
         """Bad input: record FAILURE where an id is known, keep the raw message as a dead letter."""
+        task_id: str | None
         if message is not None:
             task_id, reply_to = message.id, message.reply_to
         else:
@@ -325,12 +329,19 @@ class Worker:
             if log.isEnabledFor(logging.INFO):
                 log.info(
                     "%s[%s] succeeded in %.1f ms: %s",
-                    task.name, message.id, elapsed, _short.repr(outcome.result),
+                    task.name,
+                    message.id,
+                    elapsed,
+                    _short.repr(outcome.result),
                 )
         else:
             log.error(
                 "%s[%s] failed in %.1f ms: %s: %s%s",
-                task.name, message.id, elapsed, outcome.exc_type, outcome.exc_message,
+                task.name,
+                message.id,
+                elapsed,
+                outcome.exc_type,
+                outcome.exc_message,
                 " (dead-lettered)" if reason else "",
             )
 
