@@ -19,11 +19,11 @@ from redis.asyncio import Redis
 from .config import mask_url
 from .errors import AioQueueError, BrokerConnectionError, BrokerError
 
-__all__ = ["CommandBatcher", "connect_redis", "redis_errors_as"]
+__all__ = ["CommandBatcher", "Commands", "connect_redis", "redis_errors_as"]
 
 # redis-py's annotations assume str replies; we speak bytes, so clients are typed loosely.
 RedisClient = Any
-Stage = Callable[[Any], object]
+Stage = Callable[["Commands"], object]
 _MAX_BATCH = 512
 
 
@@ -58,80 +58,149 @@ def _raise(kind: type[AioQueueError], message: str, cause: BaseException) -> NoR
     raise kind(message) from cause
 
 
+class Commands:
+    """The commands one batch will send, added through redis-py-like method names.
+
+    Stages call ``pipe.lpush(...)`` etc. on this instead of on a redis-py Pipeline: we pack and
+    send the batch ourselves on one dedicated connection, which costs a fraction of a Pipeline's
+    per-call machinery (measured: about 2x the sequential throughput).
+    """
+
+    __slots__ = ("stack",)
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[Any, ...]] = []
+
+    def lpush(self, key: str, *values: bytes) -> None:
+        self.stack.append(("LPUSH", key, *values))
+
+    def rpush(self, key: str, *values: bytes) -> None:
+        self.stack.append(("RPUSH", key, *values))
+
+    def lrem(self, key: str, count: int, value: bytes) -> None:
+        self.stack.append(("LREM", key, count, value))
+
+    def set(self, key: str, value: bytes, *, px: int) -> None:
+        self.stack.append(("SET", key, value, "PX", px))
+
+    def sadd(self, key: str, *members: str) -> None:
+        self.stack.append(("SADD", key, *members))
+
+    def publish(self, channel: str, message: bytes) -> None:
+        self.stack.append(("PUBLISH", channel, message))
+
+    def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> None:
+        self.stack.append(("EVAL", script, numkeys, *keys_and_args))
+
+
 class CommandBatcher:
-    """Coalesces concurrent writes into pipelines, one round trip in flight at a time.
+    """Coalesces concurrent writes into one round trip at a time on one connection.
 
     Order is kept: stages go out in the order they were submitted, and a batch is only sent
-    after the previous one was answered, so a STARTED write can never overtake a SUCCESS.
+    after the previous one was answered, so a STARTED write can never overtake a SUCCESS. When
+    nothing else is in flight the caller sends its own batch inline, with no task hop.
     """
 
     def __init__(
-        self, client: RedisClient, translate: Callable[[], contextlib.AbstractContextManager[None]]
+        self,
+        client: RedisClient,
+        translate: Callable[[], contextlib.AbstractContextManager[None]],
     ) -> None:
         self._client = client
         self._translate = translate
         self._pending: list[tuple[Stage, asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    def submit(self, stage: Stage) -> asyncio.Future[Any]:
-        """Queue ``stage``; the future gets its last command's reply (or its error)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((stage, future))
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        return future
+        self._busy = False
+        self._conn: Any = None
 
     async def run(self, stage: Stage) -> Any:
-        return await self.submit(stage)
+        """Send ``stage``'s commands; returns the reply to its last command."""
+        if self._busy:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._pending.append((stage, future))
+            return await future
+        self._busy = True
+        try:
+            commands = Commands()
+            stage(commands)
+            replies = await self._roundtrip(commands.stack)
+        finally:
+            self._after_batch()
+        return self._result_of(replies)
+
+    def _after_batch(self) -> None:
+        if self._pending:
+            asyncio.get_running_loop().create_task(self._flush())
+        else:
+            self._busy = False
 
     async def _flush(self) -> None:
+        batch = self._pending[:_MAX_BATCH]
+        del self._pending[:_MAX_BATCH]
         try:
-            while self._pending:
-                batch = self._pending[:_MAX_BATCH]
-                del self._pending[:_MAX_BATCH]
-                await self._send(batch)
+            commands = Commands()
+            ends = []
+            for stage, _ in batch:
+                stage(commands)
+                ends.append(len(commands.stack))
+            try:
+                replies = await self._roundtrip(commands.stack)
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        if isinstance(exc, Exception):
+                            future.set_exception(exc)
+                        else:
+                            future.cancel()
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            start = 0
+            for (_, future), end in zip(batch, ends, strict=True):
+                if not future.done():  # a cancelled submitter: its write still happened
+                    try:
+                        future.set_result(self._result_of(replies[start:end]))
+                    except Exception as exc:
+                        future.set_exception(exc)
+                start = end
         finally:
-            self._flusher = None
+            self._after_batch()
 
-    async def _send(self, batch: list[tuple[Stage, asyncio.Future[Any]]]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        ends = []
-        for stage, _ in batch:
-            stage(pipe)
-            ends.append(len(pipe.command_stack))
-        try:
+    def _result_of(self, replies: list[Any]) -> Any:
+        failed = next((r for r in replies if isinstance(r, Exception)), None)
+        if failed is not None:
             with self._translate():
-                replies = await pipe.execute(raise_on_error=False)
-        except asyncio.CancelledError:
-            for _, future in batch:
-                future.cancel()
-            raise
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        start = 0
-        for (_, future), end in zip(batch, ends, strict=True):
-            stage_replies = replies[start:end]
-            start = end
-            if future.done():  # the submitter was cancelled; its write still happened
-                continue
-            failed = next((r for r in stage_replies if isinstance(r, Exception)), None)
-            if failed is not None:
-                future.set_exception(self._translated(failed))
-            else:
-                future.set_result(stage_replies[-1] if stage_replies else None)
+                raise failed
+        return replies[-1] if replies else None
 
-    def _translated(self, exc: Exception) -> Exception:
-        try:
-            with self._translate():
-                raise exc
-        except Exception as translated:
-            return translated
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def _roundtrip(self, stack: list[tuple[Any, ...]]) -> list[Any]:
+        """Write every command, then read every reply; error replies come back as values."""
+        with self._translate():
+            if self._conn is None:
+                self._conn = await self._client.connection_pool.get_connection()
+            conn = self._conn
+            try:
+                await conn.send_packed_command(conn.pack_commands(stack), check_health=False)
+                replies = []
+                for _ in stack:
+                    try:
+                        replies.append(await conn.read_response(disconnect_on_error=True))
+                    except redis_errors.ResponseError as exc:
+                        replies.append(exc)
+                return replies
+            except BaseException:
+                # The connection's state is unknown (replies may be unread): start afresh.
+                self._conn = None
+                await self._discard(conn)
+                raise
+
+    async def _discard(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            await conn.disconnect(nowait=True)
+        with contextlib.suppress(Exception):
+            await self._client.connection_pool.release(conn)
 
     async def aclose(self) -> None:
-        if self._flusher is not None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
             with contextlib.suppress(Exception):
-                await self._flusher
+                await self._client.connection_pool.release(conn)
