@@ -14,6 +14,7 @@ Library errors from redis-py or aio-pika are translated at the broker/backend se
     │   └── BrokerConnectionError
     ├── ResultBackendError
     ├── ResultTimeout              (also a TimeoutError)
+    ├── TaskExpired
     ├── TaskFailed
     │   └── RemoteError
     └── WorkerLostError
@@ -64,6 +65,10 @@ class ResultBackendError(AioQueueError):
 
 class ResultTimeout(AioQueueError, TimeoutError):
     """Raised when ``AsyncResult.get(timeout=...)`` runs out of time."""
+
+
+class TaskExpired(AioQueueError):
+    """Recorded for a message that reached a worker after its ``expires`` time; it did not run."""
 
 
 class TaskFailed(AioQueueError):

@@ -428,3 +428,25 @@ async def test_process_tasks(make_app: AppFactory, tmp_path: Any) -> None:
         with pytest.raises(ValueError, match="from a child"):
             await (await fail.send("from a child")).get(timeout=20)
         assert await (await noisy.send("clean")).get(timeout=20) == "clean"
+
+
+async def test_envelope_eta_and_expiry_are_obeyed(make_app: AppFactory) -> None:
+    import time
+
+    from aioqueue import Message, TaskExpired
+
+    app = make_app()
+    tasks = register_basics(app)
+    add = tasks["add"]
+    async with app, running_worker(app):
+        broker = await app.ready_broker()
+        now = time.time()
+        expired = Message(id="old", task=add.name, queue="default", args=(1, 1), expires=now - 1)
+        later = Message(id="later", task=add.name, queue="default", args=(2, 2), eta=now + 0.3)
+        await broker.publish("default", app.codec.encode(expired))
+        await broker.publish("default", app.codec.encode(later))
+        with pytest.raises(TaskExpired, match="expired"):
+            await app.AsyncResult("old").get(timeout=10)
+        assert await app.AsyncResult("later").get(timeout=10) == 4
+        assert time.time() >= now + 0.3
+        assert await broker.dead_letters("default") == []

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AioQueueError, ConfigurationError, TaskNotRegistered
+from ..errors import AioQueueError, ConfigurationError, TaskExpired, TaskNotRegistered
 from ..message import Message, Outcome, States
 from .execution import encode_or_fail, execute, failure_outcome
 from .executors import Runner
@@ -243,6 +243,13 @@ class Worker:
             await self._reject(delivery, message, error)
             return
         ttl = message.result_ttl or task.result_ttl or app.conf.result_ttl
+        if message.eta is not None or message.expires is not None:
+            expired = await self._honour_schedule(message)
+            if expired is not None:
+                raw = app.codec.encode_outcome(failure_outcome(message.id, expired))
+                await self._settle(delivery, message.id, message.reply_to, raw, ttl, None)
+                log.warning("%s[%s] discarded: %s", task.name, message.id, expired)
+                return
         track = task.track_started if task.track_started is not None else app.conf.track_started
         if not app.conf.acks_late:
             await delivery.ack()  # at-most-once, as configured: a crash from here loses it
@@ -257,6 +264,23 @@ class Worker:
             delivery, message.id, message.reply_to, raw, ttl, reason, ack=app.conf.acks_late
         )
         self._log_outcome(task, message, outcome, reason, started)
+
+    @staticmethod
+    async def _honour_schedule(message: Message) -> TaskExpired | None:
+        """Wait for a future ``eta`` (holding the slot); an expired message is not run.
+
+        Senders cannot set these yet; a worker still obeys an envelope that carries them
+        rather than run a task early or late.
+        """
+        now = time.time()
+        if message.eta is not None and message.eta > now:
+            if message.expires is not None and message.expires < message.eta:
+                return TaskExpired(f"task {message.id} expires before its eta")
+            await asyncio.sleep(message.eta - now)
+            now = time.time()
+        if message.expires is not None and message.expires < now:
+            return TaskExpired(f"task {message.id} expired {now - message.expires:.3f}s ago")
+        return None
 
     async def _store_state(self, message: Message, state: str, ttl: float) -> None:
         assert self._backend is not None
