@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
+from hiredis import pack_command
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from .config import mask_url
 from .errors import AioQueueError, BrokerConnectionError, BrokerError
 
-__all__ = ["CommandBatcher", "Commands", "connect_redis", "redis_errors_as"]
+__all__ = ["CommandBatcher", "Commands", "Script", "connect_redis", "redis_errors_as"]
 
 # redis-py's annotations assume str replies; we speak bytes, so clients are typed loosely.
 RedisClient = Any
 Stage = Callable[["Commands"], object]
 _MAX_BATCH = 512
+_REPLY_DEADLINE = 30.0  # seconds for a whole batch's replies before the link counts as dead
 
 
 def connect_redis(url: str, *, connect_timeout: float, client_name: str) -> RedisClient:
@@ -86,11 +89,44 @@ class Commands:
     def sadd(self, key: str, *members: str) -> None:
         self.stack.append(("SADD", key, *members))
 
+    def srem(self, key: str, *members: str) -> None:
+        self.stack.append(("SREM", key, *members))
+
+    def delete(self, *keys: str) -> None:
+        self.stack.append(("DEL", *keys))
+
     def publish(self, channel: str, message: bytes) -> None:
         self.stack.append(("PUBLISH", channel, message))
 
     def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> None:
         self.stack.append(("EVAL", script, numkeys, *keys_and_args))
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
+        self.stack.append(("EVALSHA", sha, numkeys, *keys_and_args))
+
+
+class Script:
+    """A Lua script run through a batcher: EVALSHA, and EVAL once if the server lost it."""
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    async def run(self, batcher: CommandBatcher, keys: list[str], args: list[Any]) -> Any:
+        def by_sha(pipe: Commands) -> None:
+            pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+        def by_text(pipe: Commands) -> None:
+            pipe.eval(self.text, len(keys), *keys, *args)
+
+        try:
+            return await batcher.run(by_sha)
+        except AioQueueError as exc:
+            if "NOSCRIPT" not in str(exc):
+                raise
+            return await batcher.run(by_text)
 
 
 class CommandBatcher:
@@ -173,20 +209,25 @@ class CommandBatcher:
         return replies[-1] if replies else None
 
     async def _roundtrip(self, stack: list[tuple[Any, ...]]) -> list[Any]:
-        """Write every command, then read every reply; error replies come back as values."""
+        """Write every command, then read every reply; error replies come back as values.
+
+        Packing with hiredis and reading straight from the connection's parser under one
+        deadline for the whole batch skips redis-py's per-command wrappers (a timeout context
+        and encoder per reply), which were the largest cost of the worker's settle step.
+        """
         with self._translate():
             if self._conn is None:
                 self._conn = await self._client.connection_pool.get_connection()
             conn = self._conn
             try:
-                await conn.send_packed_command(conn.pack_commands(stack), check_health=False)
-                replies = []
-                for _ in stack:
-                    try:
-                        replies.append(await conn.read_response(disconnect_on_error=True))
-                    except redis_errors.ResponseError as exc:
-                        replies.append(exc)
-                return replies
+                if not conn.is_connected:
+                    await conn.connect()
+                await conn.send_packed_command(
+                    b"".join([pack_command(command) for command in stack]), check_health=False
+                )
+                read = conn._parser.read_response
+                async with asyncio.timeout(_REPLY_DEADLINE):
+                    return [await read(disable_decoding=True) for _ in stack]
             except BaseException:
                 # The connection's state is unknown (replies may be unread): start afresh.
                 self._conn = None

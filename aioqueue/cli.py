@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from . import __version__
@@ -101,10 +103,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _configure_logging(args.loglevel)
     try:
-        return asyncio.run(_run_worker(args))
+        code = asyncio.run(_run_worker(args))
     except AioQueueError as exc:
         log.error("%s", exc)
         return 2
+    _exit_past_abandoned_threads(code)
+    return code
+
+
+def _exit_past_abandoned_threads(code: int) -> None:
+    """Exit now even if a thread task outlived the shutdown grace period.
+
+    Its message is already back in its queue; Python would otherwise wait for the thread at
+    interpreter exit, for as long as the task cares to run.
+    """
+    stuck = [t for t in threading.enumerate() if t.is_alive() and not t.daemon]
+    if any(t is not threading.main_thread() for t in stuck):
+        log.warning("abandoning %d thread task(s) still running", len(stuck) - 1)
+        logging.shutdown()
+        os._exit(code)
 
 
 if __name__ == "__main__":

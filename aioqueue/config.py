@@ -55,6 +55,14 @@ class Config:
     worker_heartbeat_interval: float = 2.0
     worker_heartbeat_ttl: float = 10.0
     broker_connect_timeout: float = 5.0
+    # AMQP (amqp://, amqps://) and the rpc:// result backend; see brokers/amqp.py.
+    amqp_queue_type: str = "classic"
+    amqp_delivery_limit: int = 20
+    amqp_heartbeat: float = 60.0
+    amqp_reconnect_interval: float = 1.0
+    amqp_publisher_confirms: bool = True
+    amqp_channel_pool_size: int = 4
+    amqp_delete_queues_on_close: bool = False
     _explicit: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def update(self, values: Mapping[str, Any]) -> None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = ["build_backend", "build_broker"]
 
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+AMQP_SCHEMES = frozenset({"amqp", "amqps"})
 
 
 def _scheme(url: str) -> str:
@@ -43,9 +44,25 @@ def build_broker(url: str, conf: Config, app_name: str) -> Broker:
             heartbeat_ttl=conf.worker_heartbeat_ttl,
             client_name=f"aioqueue:{app_name}",
         )
+    if scheme in AMQP_SCHEMES:
+        from .brokers.amqp import AmqpBroker
+
+        return AmqpBroker(
+            url,
+            key_prefix=conf.key_prefix,
+            queue_type=conf.amqp_queue_type,
+            delivery_limit=conf.amqp_delivery_limit if conf.amqp_delivery_limit > 0 else None,
+            connect_timeout=conf.broker_connect_timeout,
+            heartbeat=conf.amqp_heartbeat,
+            reconnect_interval=conf.amqp_reconnect_interval,
+            publisher_confirms=conf.amqp_publisher_confirms,
+            channel_pool_size=conf.amqp_channel_pool_size,
+            client_name=f"aioqueue:{app_name}",
+            delete_queues_on_close=conf.amqp_delete_queues_on_close,
+        )
     raise ConfigurationError(
         f"unsupported broker URL scheme {scheme!r} in {mask_url(url)!r} "
-        "(use memory://, redis://, rediss:// or unix://)"
+        "(use memory://, redis://, rediss://, unix://, amqp:// or amqps://)"
     )
 
 
@@ -64,7 +81,25 @@ def build_backend(url: str, conf: Config, app_name: str) -> ResultBackend:
             connect_timeout=conf.broker_connect_timeout,
             client_name=f"aioqueue:{app_name}",
         )
+    if scheme == "rpc":
+        from .backends.rpc import RpcBackend
+
+        broker_url = conf.broker_url
+        if _scheme(broker_url) not in AMQP_SCHEMES:
+            raise ConfigurationError(
+                f"rpc:// results travel over the AMQP broker; broker_url is "
+                f"{mask_url(broker_url)!r}"
+            )
+        return RpcBackend(
+            broker_url,
+            key_prefix=conf.key_prefix,
+            connect_timeout=conf.broker_connect_timeout,
+            heartbeat=conf.amqp_heartbeat,
+            reconnect_interval=conf.amqp_reconnect_interval,
+            publisher_confirms=conf.amqp_publisher_confirms,
+            client_name=f"aioqueue:{app_name}",
+        )
     raise ConfigurationError(
         f"unsupported result backend URL scheme {scheme!r} in {mask_url(url)!r} "
-        "(use memory://, redis://, rediss:// or unix://)"
+        "(use memory://, redis://, rediss://, unix:// or rpc://)"
     )

@@ -88,6 +88,26 @@ TRANSPORTS: dict[str, tuple[tuple[str, ...], Callable[[str], dict[str, Any]]]] =
         ("redis",),
         lambda prefix: {"broker": REDIS_URL, "backend": REDIS_URL, "key_prefix": prefix},
     ),
+    # AMQP queues are named <key_prefix>.<queue>, so each test has its own; the broker deletes
+    # the queues it declared when the app closes (amqp_delete_queues_on_close).
+    "amqp-redis": (
+        ("amqp", "redis"),
+        lambda prefix: {
+            "broker": AMQP_URL,
+            "backend": REDIS_URL,
+            "key_prefix": prefix,
+            "amqp_delete_queues_on_close": True,
+        },
+    ),
+    "amqp-rpc": (
+        ("amqp",),
+        lambda prefix: {
+            "broker": AMQP_URL,
+            "backend": "rpc://",
+            "key_prefix": prefix,
+            "amqp_delete_queues_on_close": True,
+        },
+    ),
 }
 
 

@@ -171,9 +171,11 @@ async def test_undecodable_body_goes_to_dead_letters(make_app: AppFactory) -> No
         assert dead[0].body == b"\xff\xfenot json at all"
         assert "not valid JSON" in dead[0].reason
         assert "unknown envelope version 99" in dead[1].reason
-        # the v99 message carried an id: its FAILURE is recorded under it
-        with pytest.raises(Exception, match="unknown envelope version"):
-            await app.AsyncResult("v99").get(timeout=10)
+        # the v99 message carried an id: its FAILURE is recorded under it (where the backend
+        # keeps results that a fresh handle can read; rpc:// only pushes them to a reply_to)
+        if getattr(app.backend, "persistent", True):
+            with pytest.raises(Exception, match="unknown envelope version"):
+                await app.AsyncResult("v99").get(timeout=10)
         assert await (await tasks["add"].send(2, 2)).get(timeout=10) == 4
 
 
@@ -433,7 +435,7 @@ async def test_process_tasks(make_app: AppFactory, tmp_path: Any) -> None:
 async def test_envelope_eta_and_expiry_are_obeyed(make_app: AppFactory) -> None:
     import time
 
-    from aioqueue import Message, TaskExpired
+    from aioqueue import AsyncResult, Message, TaskExpired
 
     app = make_app()
     tasks = register_basics(app)
@@ -441,12 +443,28 @@ async def test_envelope_eta_and_expiry_are_obeyed(make_app: AppFactory) -> None:
     async with app, running_worker(app):
         broker = await app.ready_broker()
         now = time.time()
-        expired = Message(id="old", task=add.name, queue="default", args=(1, 1), expires=now - 1)
-        later = Message(id="later", task=add.name, queue="default", args=(2, 2), eta=now + 0.3)
+        # addressed like App.send addresses messages, so rpc:// pushes the results back here
+        reply_to, token = app.backend.reply_to(), app.backend.send_token()
+        expired = Message(
+            id="old",
+            task=add.name,
+            queue="default",
+            args=(1, 1),
+            expires=now - 1,
+            reply_to=reply_to,
+        )
+        later = Message(
+            id="later",
+            task=add.name,
+            queue="default",
+            args=(2, 2),
+            eta=now + 0.3,
+            reply_to=reply_to,
+        )
         await broker.publish("default", app.codec.encode(expired))
         await broker.publish("default", app.codec.encode(later))
         with pytest.raises(TaskExpired, match="expired"):
-            await app.AsyncResult("old").get(timeout=10)
-        assert await app.AsyncResult("later").get(timeout=10) == 4
+            await AsyncResult("old", app, token=token).get(timeout=10)
+        assert await AsyncResult("later", app, token=token).get(timeout=10) == 4
         assert time.time() >= now + 0.3
         assert await broker.dead_letters("default") == []

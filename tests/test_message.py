@@ -67,7 +67,7 @@ def test_size_limit_before_sending_and_before_decoding() -> None:
 
 
 def test_unserializable_arguments_fail_at_send_time() -> None:
-    with pytest.raises(SerializationError, match="cannot encode message for task 'proj.add'"):
+    with pytest.raises(SerializationError, match=r"cannot encode message for task 'proj\.add'"):
         MessageCodec().encode(make(args=(object(),)))
 
 

@@ -30,8 +30,14 @@ class ResultBackend(Protocol):
     ) -> None:
         """Store a final outcome (SUCCESS or FAILURE) and wake its waiters."""
 
-    async def store_state(self, task_id: str, outcome: bytes, *, ttl: float) -> None:
-        """Store an intermediate state (RECEIVED, STARTED); wakes nobody."""
+    async def store_state(
+        self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None = None
+    ) -> None:
+        """Store an intermediate state (RECEIVED, STARTED); wakes no ``get()`` waiter.
+
+        ``reply_to`` lets a backend that cannot be read by id (``rpc://``) push it to the
+        sender; a backend that stores by id ignores it.
+        """
 
     async def get(self, task_id: str) -> bytes | None:
         """The final outcome, else the latest intermediate state, else None."""

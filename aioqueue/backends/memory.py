@@ -38,7 +38,9 @@ class MemoryBackend:
             if not waiter.done():
                 waiter.set_result(outcome)
 
-    async def store_state(self, task_id: str, outcome: bytes, *, ttl: float) -> None:
+    async def store_state(
+        self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None = None
+    ) -> None:
         self._states[task_id] = (outcome, time.monotonic() + ttl)
 
     def _live(self, table: dict[str, tuple[bytes, float]], task_id: str) -> bytes | None:

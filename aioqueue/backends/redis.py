@@ -53,6 +53,7 @@ class _Listener:
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._subscribed: dict[str, asyncio.Future[None]] = {}
         self._done_prefix = f"{backend.key_prefix}:done:".encode()
+        self._closing = False
 
     async def start(self) -> None:
         if self._ready is None:
@@ -62,7 +63,7 @@ class _Listener:
 
     async def _read_forever(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._closing:
             try:
                 await self._connect_and_read()
             except asyncio.CancelledError:
@@ -161,10 +162,19 @@ class _Listener:
                 await self._pubsub.unsubscribe(channel)
 
     async def aclose(self) -> None:
+        """Close the socket under the reader first, then cancel it where it waits to retry.
+
+        A redis-py read cancelled mid-flight can get stuck in its own cleanup; a read on a
+        closed socket fails at once and leaves the reader in its back-off sleep.
+        """
+        self._closing = True
+        connection = getattr(self._pubsub, "connection", None)
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.disconnect(nowait=True)
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reader
+            await asyncio.wait({self._reader}, timeout=2.0)
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
@@ -244,7 +254,9 @@ class RedisBackend:
             partial(self.stage_store, task_id=task_id, outcome=outcome, ttl=ttl, reply_to=reply_to)
         )
 
-    async def store_state(self, task_id: str, outcome: bytes, *, ttl: float) -> None:
+    async def store_state(
+        self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None = None
+    ) -> None:
         key, px = self._state_key(task_id), max(1, int(ttl * 1000))
 
         def stage(pipe: Any) -> None:

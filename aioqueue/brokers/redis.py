@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from .._redis import CommandBatcher, RedisClient, connect_redis, redis_errors_as
+from .._redis import CommandBatcher, Commands, RedisClient, Script, connect_redis, redis_errors_as
 from ..config import mask_url
 from .base import Consumer, DeadLetter, Delivery, attempt_of
 
@@ -99,6 +99,10 @@ end
 return moved
 """
 )
+
+
+_FETCH_SCRIPT = Script(_FETCH)
+_RETURN_SCRIPT = Script(_RETURN)
 
 
 class _Keys:
@@ -189,8 +193,7 @@ class _RedisConsumer:
     async def _fetch_batch(self, queue: str, count: int) -> list[Delivery]:
         keys = self._keys[queue]
         processing = self._processing[queue]
-        with self.broker.errors():
-            bodies = await self.broker.fetch_script(keys=[keys.queue, processing], args=[count])
+        bodies = await _FETCH_SCRIPT.run(self.broker.batcher, [keys.queue, processing], [count])
         return [_RedisDelivery(self, queue, processing, body) for body in bodies]
 
     async def _wait(self, max_count: int, timeout: float) -> list[Delivery]:
@@ -259,12 +262,15 @@ class _RedisConsumer:
         # in the processing lists was running when the worker gave up on it: attempt raised.
         for delivery in self._take_buffered(len(self._buffer)):
             await delivery.requeue()
-        with self.broker.errors():
-            for queue, keys in self._keys.items():
-                processing = self._processing[queue]
-                await self.broker.return_script(keys=[processing, keys.queue], args=["1"])
-                await self.broker.client.srem(keys.workers, self.worker_id)
-                await self.broker.client.delete(keys.alive(self.worker_id))
+        for queue, keys in self._keys.items():
+            processing = self._processing[queue]
+            await _RETURN_SCRIPT.run(self.broker.batcher, [processing, keys.queue], ["1"])
+
+            def forget(pipe: Commands, keys: _Keys = keys) -> None:
+                pipe.srem(keys.workers, self.worker_id)
+                pipe.delete(keys.alive(self.worker_id))
+
+            await self.broker.batcher.run(forget)
         if self._blocking is not None:
             await self._blocking.aclose()
 
@@ -312,8 +318,6 @@ class RedisBroker:
         self._client_name = client_name
         self.client = self.new_client("main")
         self.batcher = CommandBatcher(self.client, self.errors)
-        self.fetch_script = self.client.register_script(_FETCH)
-        self.return_script = self.client.register_script(_RETURN)
         self._keys: dict[str, _Keys] = {}
 
     def new_client(self, role: str) -> RedisClient:

@@ -60,10 +60,33 @@ def _run_one(app: Any, serializer: Serializer, frame: bytes) -> bytes:
         return _error_reply(serializer, exc)
 
 
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to SIGKILL us when the worker dies (even by SIGKILL).
+
+    Otherwise a child mid-task would keep running it while the broker redelivers the message
+    to another worker, and the task would run twice at the same time.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before we asked
+        os._exit(1)
+
+
 def main() -> None:
     import_path, serializer_name = sys.argv[1], sys.argv[2]
-    # Ctrl-C reaches the whole process group; the parent decides how its children stop.
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group; the parent decides
+    # how its children stop (EOF on stdin, or a kill), so a draining task is not cut short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     extra_path = orjson.loads(os.environ.get(SYS_PATH_ENV, "[]"))
     sys.path[:0] = [p for p in extra_path if p not in sys.path]
     frames_out = os.fdopen(os.dup(1), "wb")

@@ -170,6 +170,7 @@ class Worker:
             )
             drained.cancel()
             hurry.cancel()
+        self._runner.begin_close()
         for task in list(self._running):
             task.cancel()
         if self._running:
@@ -285,7 +286,7 @@ class Worker:
     async def _store_state(self, message: Message, state: str, ttl: float) -> None:
         assert self._backend is not None
         raw = self.app.codec.encode_outcome(Outcome(message.id, state, date_done=None))
-        await self._backend.store_state(message.id, raw, ttl=ttl)
+        await self._backend.store_state(message.id, raw, ttl=ttl, reply_to=message.reply_to)
 
     async def _settle(
         self,

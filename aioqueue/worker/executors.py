@@ -232,6 +232,10 @@ class ProcessPool:
             return rest[0]
         raise ChildTaskError(*rest)
 
+    def begin_close(self) -> None:
+        """From now on a child that ends is not replaced (shutdown is cancelling tasks)."""
+        self._closing = True
+
     async def aclose(self) -> None:
         self._closing = True
         for spawner in list(self._spawners):
@@ -309,6 +313,10 @@ class Runner:
         if self._pool is None:  # Task.apply: eager runs use a thread, see execute_eagerly
             return await self.run_in_thread(task.fn, args, kwargs, on_start)
         return await self._pool.run(task.name, args, kwargs, on_start)
+
+    def begin_close(self) -> None:
+        if self._pool is not None:
+            self._pool.begin_close()
 
     async def aclose(self) -> None:
         if self._pool is not None:

@@ -1,0 +1,728 @@
+"""AMQP broker (RabbitMQ through aio-pika): durable queues, publisher confirms, manual acks.
+
+Names for task queue ``q`` under prefix ``p`` (``key_prefix``, so several apps or test runs can
+share one vhost without seeing each other's messages)::
+
+    p.q              queue     durable; classic (default) or quorum (``amqp_queue_type``);
+                               x-dead-letter-exchange=p.dead, x-dead-letter-routing-key=p.q.dead;
+                               quorum queues also get x-delivery-limit (``amqp_delivery_limit``)
+    p.dead           exchange  direct, durable: the dead-letter exchange of every queue of p
+    p.q.dead         queue     durable, bound to p.dead with key p.q.dead: the dead letters of q
+
+Sending publishes to the default exchange with routing key ``p.q``: persistent, ``mandatory``
+(a queue deleted under us is an error, not a silent drop), on one of a small fixed pool of
+confirm-mode channels (``amqp_channel_pool_size``). ``publish`` returns once RabbitMQ confirmed;
+a nack, a return or a lost connection raises :class:`~aioqueue.errors.BrokerError`. Concurrent
+sends share the channels and their confirms are in flight together, so a thousand ``send()``
+calls cost a window of confirms, not a thousand round trips one after another. The queue is
+declared (once per process) before its first message is sent to it.
+
+Delivery contract: each worker has its own connection (named for it, see
+:func:`connection_name`) with one consuming channel. ``basic.qos`` bounds the unacked messages
+to the worker's slots, so RabbitMQ sends at most as many as the worker has free: the consumer
+starts on the first ``fetch`` with a prefetch equal to the slots that fetch asked for (all of
+them, since the worker is idle then; ``consumer(prefetch=concurrency)`` sets it up front), and if
+the worker later has more free slots than running + buffered allow, it adds a consumer whose own
+limit is the difference (per-consumer limits add up). Deliveries wait in a buffer until
+``fetch`` hands them out. Only after a reconnect can the buffer briefly hold up to one more
+prefetch window while tasks of the dead channel are still finishing.
+A message is acked only after the worker stored its outcome. If the connection drops, RabbitMQ
+puts every unacked message back; the robust connection reconnects and resumes consuming by
+itself, buffered deliveries of the dead channel are discarded, and acks for them are skipped
+(their messages come again: at-least-once). ``Delivery.attempt`` comes from the quorum queue's
+``x-delivery-count`` header (+1), else 2 for a redelivered message, else 1.
+
+Dead letters: bad input is published to ``p.dead`` (so into ``p.q.dead``) with the reason in the
+``x-aioqueue-reason`` header, confirm-awaited, and only then is the original acked. A quorum
+queue dead-letters by itself a message delivered more than ``x-delivery-limit`` times (a task
+that crashes its workers); its reason then comes from the ``x-death`` header
+(``delivery_limit``). ``dead_letters()`` reads them with ``basic.get`` on a short-lived channel
+and closes it, which puts them all back in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, NoReturn
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+)
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
+from yarl import URL
+
+from ..config import mask_url
+from ..errors import AioQueueError, BrokerConnectionError, BrokerError, ConfigurationError
+from .base import Consumer, DeadLetter, Delivery
+
+__all__ = ["AmqpBroker", "ChannelPool", "amqp_errors", "connection_name", "open_connection"]
+
+log = logging.getLogger("aioqueue.broker.amqp")
+
+REASON_HEADER = "x-aioqueue-reason"
+QUEUE_HEADER = "x-aioqueue-queue"
+DEAD_AT_HEADER = "x-aioqueue-dead-at"
+QUEUE_TYPES = frozenset({"classic", "quorum"})
+_MAX_PREFETCH = 65535
+_PUBLISH_WINDOW = 1000
+_BURST_SETTLE = 1.0
+
+
+# -- plumbing shared with the rpc:// result backend ----------------------------------------
+
+
+def connection_name(client_name: str, role: str) -> str:
+    """``aioqueue:<app>/<role>@<host>:<pid>``: what ``rabbitmqctl list_connections name`` shows."""
+    return f"{client_name}/{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+@contextlib.contextmanager
+def amqp_errors(
+    url: str,
+    error: type[AioQueueError] = BrokerError,
+    connection_error: type[AioQueueError] = BrokerConnectionError,
+    what: str = "broker",
+) -> Iterator[None]:
+    """Translate aio-pika / aiormq errors into ours at the seam, the URL's password masked.
+
+    aiormq cancels the futures of a channel that dies; a CancelledError that nobody asked for
+    (our task is not being cancelled) is therefore a lost connection, not a cancellation.
+    """
+    masked = mask_url(url)
+    try:
+        yield
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        _raise(connection_error, f"lost the connection to {what} at {masked}", exc)
+    except aiormq.exceptions.PublishError as exc:
+        _raise(error, f"{what} at {masked} returned the message as unroutable: {exc}", exc)
+    except aiormq.exceptions.DeliveryError as exc:
+        _raise(error, f"{what} at {masked} refused the message (nack): {exc}", exc)
+    except aiormq.exceptions.AMQPChannelError as exc:
+        _raise(error, f"{what} at {masked} failed: {exc}", exc)
+    except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+        _raise(connection_error, f"lost the connection to {what} at {masked}: {exc!r}", exc)
+    except (OSError, TimeoutError) as exc:
+        _raise(connection_error, f"cannot reach {what} at {masked}: {exc!r}", exc)
+
+
+def _raise(kind: type[AioQueueError], message: str, cause: BaseException) -> NoReturn:
+    raise kind(message) from cause
+
+
+async def open_connection(
+    url: str,
+    *,
+    name: str,
+    timeout: float,
+    heartbeat: float,
+    reconnect_interval: float,
+    error: type[AioQueueError] = BrokerConnectionError,
+) -> AbstractRobustConnection:
+    """A robust connection: it reconnects by itself and restores its channels and consumers.
+
+    ``heartbeat`` and ``reconnect_interval`` apply unless the URL's query sets them; amqps://
+    URLs take aio-pika's TLS query options (cafile, certfile, keyfile, no_verify_ssl).
+    """
+    parsed = URL(url)
+    query: dict[str, str] = {}
+    if "heartbeat" not in parsed.query:
+        query["heartbeat"] = str(int(heartbeat))
+    if "reconnect_interval" not in parsed.query:
+        query["reconnect_interval"] = str(reconnect_interval)
+    try:
+        return await aio_pika.connect_robust(
+            parsed.update_query(query),
+            client_properties={"connection_name": name},
+            timeout=timeout,
+        )
+    except Exception as exc:  # aio-pika raises a wide variety here; all mean "cannot connect"
+        _raise(error, f"cannot connect to {mask_url(url)}: {exc!r}", exc)
+
+
+async def ready_channel(channel: AbstractRobustChannel, timeout: float) -> AbstractChannel:
+    """The live underlying channel, waiting (up to ``timeout``) while the connection recovers."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError(f"channel not ready within {timeout}s")
+        async with asyncio.timeout(remaining):
+            await channel.ready()
+        with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError):
+            underlay = await channel.get_underlay_channel()
+            if not underlay.is_closed:
+                return underlay
+        # Between the socket dying and the robust connection noticing, the old channel is
+        # still the current one: wait a moment for the recovery to take over.
+        await asyncio.sleep(0.02)
+
+
+class ChannelPool:
+    """A fixed number of confirm-mode channels on one connection, used round robin.
+
+    aiormq pipelines publishes on a channel and matches confirms by delivery tag, so concurrent
+    publishers on one channel already overlap; a few channels spread the work over RabbitMQ's
+    per-channel processes. Channels are opened on first use and reopened by the robust
+    connection after a reconnect.
+    """
+
+    def __init__(self, connection: AbstractRobustConnection, size: int, confirms: bool) -> None:
+        self._connection = connection
+        self._size = max(1, size)
+        self._confirms = confirms
+        self._channels: list[AbstractRobustChannel] = []
+        self._opening: asyncio.Lock = asyncio.Lock()
+        self._next = itertools.count()
+
+    async def get(self, timeout: float) -> AbstractChannel:
+        if len(self._channels) < self._size:
+            async with self._opening:
+                if len(self._channels) < self._size:
+                    channel = self._connection.channel(publisher_confirms=self._confirms)
+                    await channel.initialize(timeout=timeout)
+                    self._channels.append(channel)
+                    return await ready_channel(channel, timeout)
+        channel = self._channels[next(self._next) % len(self._channels)]
+        return await ready_channel(channel, timeout)
+
+    @property
+    def open_channels(self) -> int:
+        return len(self._channels)
+
+
+# -- the broker -------------------------------------------------------------------------
+
+
+class _Names:
+    __slots__ = ("dead", "dlx", "queue")
+
+    def __init__(self, prefix: str, queue: str) -> None:
+        self.queue = f"{prefix}.{queue}"
+        self.dead = f"{self.queue}.dead"
+        self.dlx = f"{prefix}.dead"
+
+
+class _AmqpDelivery:
+    __slots__ = ("_channel", "_consumer", "_settled", "_tag", "attempt", "body", "queue")
+
+    def __init__(
+        self, consumer: _AmqpConsumer, queue: str, message: AbstractIncomingMessage
+    ) -> None:
+        self._consumer = consumer
+        self._channel = message.channel
+        self._tag = message.delivery_tag or 0
+        self._settled = False
+        self.queue = queue
+        self.body = message.body
+        count = message.headers.get("x-delivery-count")
+        if isinstance(count, int):
+            self.attempt = count + 1
+        else:
+            self.attempt = 2 if message.redelivered else 1
+
+    @property
+    def redelivered(self) -> bool:
+        return self.attempt > 1
+
+    @property
+    def stale(self) -> bool:
+        """Its channel died: RabbitMQ has already put the message back."""
+        return self._channel.is_closed
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._consumer.handed.discard(self)
+        if self._channel.is_closed:
+            log.info("%s: channel gone before settling; RabbitMQ redelivers it", self.queue)
+            return False
+        return True
+
+    async def ack(self) -> None:
+        if self._settle():
+            # basic.ack has no reply; queueing the frame (wait=False) skips a drain per ack.
+            # A frame lost with its connection means a redelivery: at-least-once either way.
+            with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError):
+                await self._channel.basic_ack(self._tag, wait=False)
+
+    async def requeue(self) -> None:
+        if self._settle():
+            with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError):
+                await self._channel.basic_nack(self._tag, requeue=True)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settled:
+            return
+        # Published and confirmed before the ack: a crash in between keeps the message (it
+        # comes again and is dead-lettered again), never loses it.
+        await self._consumer.broker.bury(self.queue, self.body, reason)
+        await self.ack()
+
+
+class _AmqpConsumer:
+    """One worker's connection, channel and consumers; deliveries wait in a bounded buffer."""
+
+    def __init__(
+        self, broker: AmqpBroker, queues: Sequence[str], worker_id: str, prefetch: int | None
+    ) -> None:
+        self.broker = broker
+        self._initial_prefetch = prefetch or 0
+        self.worker_id = worker_id
+        self.queues = tuple(queues)
+        self.handed: set[_AmqpDelivery] = set()
+        self._buffer: list[_AmqpDelivery] = []
+        self._arrived = asyncio.Event()
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._amqp_queues: dict[str, AbstractRobustQueue] = {}
+        self._tags: dict[str, list[str]] = {}
+        self._prefetch = 0
+        self._rebuild = False
+        # A channel-wide limit covers several classic queues at once; quorum queues refuse
+        # global QoS, so there the limit is per queue (documented on AmqpBroker).
+        self._global_qos = len(self.queues) > 1 and broker.queue_type == "classic"
+
+    @property
+    def channel(self) -> AbstractRobustChannel:
+        assert self._channel is not None, "start() the consumer first"
+        return self._channel
+
+    async def start(self) -> None:
+        broker = self.broker
+        for queue in self.queues:
+            await broker.declare(queue)
+        self._connection = await broker.connect_role(f"worker:{self.worker_id}")
+        with broker.errors():
+            self._channel = self._connection.channel(publisher_confirms=False)
+            await self._channel.initialize(timeout=broker.connect_timeout)
+            self._channel.reopen_callbacks.add(self._on_reopen)
+            for queue in self.queues:
+                names = broker.names(queue)
+                self._amqp_queues[queue] = await self._channel.declare_queue(
+                    names.queue, durable=True, arguments=broker.queue_arguments(names)
+                )
+
+    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+        await self._ensure_prefetch(max(self._initial_prefetch, len(self.handed) + max_count))
+        out = self._take(max_count)
+        if out:
+            return out
+        if timeout <= 0:
+            return await self._fetch_ready(max_count)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not out:
+                    await self._arrived.wait()
+                    out = self._take(max_count)
+        return out
+
+    def _take(self, max_count: int) -> list[Delivery]:
+        if any(d.stale for d in self._buffer):
+            self._buffer = [d for d in self._buffer if not d.stale]
+        taken, self._buffer = self._buffer[:max_count], self._buffer[max_count:]
+        if not self._buffer:
+            self._arrived.clear()
+        self.handed.update(taken)
+        return list(taken)
+
+    async def _fetch_ready(self, max_count: int) -> list[Delivery]:
+        """``timeout=0``: what is ready now. Deliveries are pushed, so ask the queues first.
+
+        The count comes from a short-lived channel on the client connection: a passive declare
+        of a missing queue closes its channel, and that must not be the consuming one.
+        """
+        ready = 0
+        for queue in self.queues:
+            ready += await self.broker.queue_length(queue)
+        if ready == 0:
+            return self._take(max_count)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_BURST_SETTLE):
+                await self._arrived.wait()
+        return self._take(max_count)
+
+    async def _ensure_prefetch(self, needed: int) -> None:
+        """Start consuming, or raise the limit when the worker has more free slots than it.
+
+        RabbitMQ applies a per-consumer limit to consumers started after it, and counts each
+        consumer's unacked messages on their own. So the limit grows by adding one consumer per
+        queue whose own limit is the difference: the sum stays exactly the worker's slots. A
+        channel-wide (global) limit simply changes. After a reconnect the robust channel starts
+        every consumer again with the last limit set, so the next fetch rebuilds them as one.
+        """
+        needed = min(needed, _MAX_PREFETCH)
+        if self._rebuild:
+            await self._rebuild_consumers()
+        if needed <= self._prefetch:
+            return
+        delta, self._prefetch = needed - self._prefetch, needed
+        with self.broker.errors():
+            if self._global_qos:
+                await self.channel.set_qos(prefetch_count=needed, global_=True)
+                if self._tags:
+                    return
+            else:
+                await self.channel.set_qos(prefetch_count=delta)
+            for queue, amqp_queue in self._amqp_queues.items():
+                tag = await amqp_queue.consume(self._callback(queue))
+                self._tags.setdefault(queue, []).append(tag)
+
+    async def _rebuild_consumers(self) -> None:
+        self._rebuild = False
+        if self._global_qos or not self._tags:
+            return
+        with self.broker.errors():
+            for queue, tags in self._tags.items():
+                for tag in tags:
+                    await self._amqp_queues[queue].cancel(tag)
+            await self.channel.set_qos(prefetch_count=self._prefetch)
+            for queue, amqp_queue in self._amqp_queues.items():
+                self._tags[queue] = [await amqp_queue.consume(self._callback(queue))]
+
+    def _on_reopen(self, *_: Any) -> None:
+        self._rebuild = True
+
+    def _callback(self, queue: str) -> Callable[[AbstractIncomingMessage], Any]:
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            self._buffer.append(_AmqpDelivery(self, queue, message))
+            self._arrived.set()
+
+        return on_message
+
+    async def close(self) -> None:
+        """Cancel the consumers, give back everything unsettled, close the connection."""
+        if self._connection is None:
+            return
+        connection, self._connection = self._connection, None
+        try:
+            await self._give_back()
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def _give_back(self) -> None:
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return
+        with contextlib.suppress(Exception):
+            for queue, tags in self._tags.items():
+                for tag in tags:
+                    await self._amqp_queues[queue].cancel(tag)
+        unsettled = [d for d in (*self._buffer, *self.handed) if not d.stale]
+        self._buffer.clear()
+        for delivery in sorted(unsettled, key=lambda d: d._tag):
+            await delivery.requeue()
+        # Closing waits for close-ok: the requeues above are done before anyone looks again.
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
+class AmqpBroker:
+    """Task queues on RabbitMQ; see the module docstring for names and the delivery contract.
+
+    With several *quorum* queues consumed by one worker, the prefetch bound applies per queue
+    (RabbitMQ has no channel-wide QoS for quorum queues); with classic queues it is channel-wide.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "aioqueue",
+        queue_type: str = "classic",
+        delivery_limit: int | None = 20,
+        connect_timeout: float = 5.0,
+        heartbeat: float = 60.0,
+        reconnect_interval: float = 1.0,
+        publisher_confirms: bool = True,
+        channel_pool_size: int = 4,
+        client_name: str = "aioqueue",
+        delete_queues_on_close: bool = False,
+    ) -> None:
+        if queue_type not in QUEUE_TYPES:
+            raise ConfigurationError(
+                f"amqp_queue_type must be one of {sorted(QUEUE_TYPES)}, not {queue_type!r}"
+            )
+        self._raw_url = url
+        self.url = mask_url(url)
+        self.key_prefix = key_prefix
+        self.queue_type = queue_type
+        self.delivery_limit = delivery_limit
+        self.connect_timeout = connect_timeout
+        self.heartbeat = heartbeat
+        self.reconnect_interval = reconnect_interval
+        self.publisher_confirms = publisher_confirms
+        self.channel_pool_size = channel_pool_size
+        self.client_name = client_name
+        self.delete_queues_on_close = delete_queues_on_close
+        self._connection: AbstractRobustConnection | None = None
+        self._pool: ChannelPool | None = None
+        self._admin: AbstractRobustChannel | None = None
+        self._connect_lock: asyncio.Lock | None = None
+        self._declared: dict[str, asyncio.Future[None]] = {}
+        self._names: dict[str, _Names] = {}
+
+    # -- connections ----------------------------------------------------------------------
+
+    def errors(self) -> contextlib.AbstractContextManager[None]:
+        return amqp_errors(self._raw_url)
+
+    def names(self, queue: str) -> _Names:
+        names = self._names.get(queue)
+        if names is None:
+            names = self._names[queue] = _Names(self.key_prefix, queue)
+        return names
+
+    def queue_arguments(self, names: _Names) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "x-queue-type": self.queue_type,
+            "x-dead-letter-exchange": names.dlx,
+            "x-dead-letter-routing-key": names.dead,
+        }
+        if self.queue_type == "quorum" and self.delivery_limit is not None:
+            args["x-delivery-limit"] = self.delivery_limit
+        return args
+
+    async def connect_role(self, role: str) -> AbstractRobustConnection:
+        """A new robust connection named for ``role`` (each worker consumes on its own)."""
+        return await open_connection(
+            self._raw_url,
+            name=connection_name(self.client_name, role),
+            timeout=self.connect_timeout,
+            heartbeat=self.heartbeat,
+            reconnect_interval=self.reconnect_interval,
+        )
+
+    async def connect(self) -> None:
+        if self._connection is not None:
+            return
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if self._connection is None:
+                connection = await self.connect_role("client")
+                connection.reconnect_callbacks.add(self._on_reconnect)
+                self._pool = ChannelPool(
+                    connection, self.channel_pool_size, self.publisher_confirms
+                )
+                self._connection = connection
+
+    def _on_reconnect(self, *_: Any) -> None:
+        # A queue deleted while we were away must be declared again before we send to it.
+        self._declared.clear()
+
+    @property
+    def connection(self) -> AbstractRobustConnection | None:
+        """The client (publishing) connection, for introspection; None before connect()."""
+        return self._connection
+
+    async def _admin_channel(self) -> AbstractChannel:
+        await self.connect()
+        assert self._connection is not None
+        if self._admin is None:
+            self._admin = self._connection.channel(publisher_confirms=False)
+            await self._admin.initialize(timeout=self.connect_timeout)
+        return await ready_channel(self._admin, self.connect_timeout)
+
+    async def declare(self, queue: str) -> None:
+        """Declare ``queue`` with its dead-letter exchange and queue, once per connection."""
+        done = self._declared.get(queue)
+        if done is None:
+            done = self._declared[queue] = asyncio.get_running_loop().create_future()
+            try:
+                with self.errors():
+                    await self._declare(self.names(queue))
+            except BaseException as exc:
+                del self._declared[queue]
+                done.set_exception(exc)
+                done.exception()  # retrieved here: concurrent waiters re-raise it
+                raise
+            done.set_result(None)
+        await done
+
+    async def _declare(self, names: _Names) -> None:
+        channel = await self._admin_channel()
+        await channel.exchange_declare(names.dlx, exchange_type="direct", durable=True)
+        dead_args: dict[str, Any] = {"x-queue-type": self.queue_type}
+        await channel.queue_declare(names.dead, durable=True, arguments=dead_args)
+        await channel.queue_bind(names.dead, names.dlx, routing_key=names.dead)
+        await channel.queue_declare(
+            names.queue, durable=True, arguments=self.queue_arguments(names)
+        )
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        await self.connect()
+        assert self._pool is not None
+        properties = Basic.Properties(delivery_mode=2, headers=headers)
+        with self.errors():
+            channel = await self._pool.get(self.connect_timeout)
+            await channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+            )
+
+    async def publish(self, queue: str, body: bytes) -> None:
+        if queue not in self._declared or not self._declared[queue].done():
+            await self.declare(queue)
+        try:
+            await self._publish("", self.names(queue).queue, body)
+        except BrokerError as exc:
+            if not isinstance(exc.__cause__, aiormq.exceptions.PublishError):
+                raise
+            # Returned unroutable: the queue was deleted since we declared it. Declare again
+            # and send once more; a second return is a real error.
+            self._declared.pop(queue, None)
+            await self.declare(queue)
+            await self._publish("", self.names(queue).queue, body)
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """All in flight at once (in windows of 1,000): confirms overlap instead of queueing."""
+        for queue in {queue for queue, _ in items}:
+            await self.declare(queue)
+        for start in range(0, len(items), _PUBLISH_WINDOW):
+            window = items[start : start + _PUBLISH_WINDOW]
+            results = await asyncio.gather(
+                *(self.publish(queue, body) for queue, body in window), return_exceptions=True
+            )
+            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise failed
+
+    async def bury(self, queue: str, body: bytes, reason: str) -> None:
+        """Publish ``body`` to ``queue``'s dead letters with the reason, confirm-awaited."""
+        await self.declare(queue)
+        names = self.names(queue)
+        headers = {REASON_HEADER: reason, QUEUE_HEADER: queue, DEAD_AT_HEADER: time.time()}
+        await self._publish(names.dlx, names.dead, body, headers)
+
+    # -- consuming and inspection ---------------------------------------------------------
+
+    def consumer(
+        self, queues: Sequence[str], *, worker_id: str, prefetch: int | None = None
+    ) -> Consumer:
+        """A worker's consumer. ``prefetch`` (the worker's concurrency) sets the unacked limit
+        up front; without it the limit starts at the first fetch's slots and grows as needed.
+        """
+        return _AmqpConsumer(self, queues, worker_id, prefetch)
+
+    async def queue_length(self, queue: str) -> int:
+        await self.connect()
+        assert self._connection is not None
+        try:
+            with self.errors():
+                async with self._connection.channel(publisher_confirms=False) as channel:
+                    underlay = await channel.get_underlay_channel()
+                    declared = await underlay.queue_declare(self.names(queue).queue, passive=True)
+        except BrokerError as exc:
+            if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
+                return 0
+            raise
+        return declared.message_count or 0
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """Read without removing: basic.get up to ``limit``, then close the channel.
+
+        Closing a channel returns its unacked messages to their queue in their old order, so
+        the dead letters stay where they were whatever happens to this call.
+        """
+        await self.connect()
+        assert self._connection is not None
+        out: list[DeadLetter] = []
+        try:
+            with self.errors():
+                async with self._connection.channel(publisher_confirms=False) as channel:
+                    underlay = await channel.get_underlay_channel()
+                    while len(out) < limit:
+                        got = await underlay.basic_get(self.names(queue).dead, no_ack=False)
+                        if not isinstance(got.delivery, Basic.GetOk):
+                            break
+                        out.append(_dead_letter(queue, got))
+        except BrokerError as exc:
+            if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
+                return []
+            raise
+        return out
+
+    async def aclose(self) -> None:
+        connection, self._connection = self._connection, None
+        self._pool = None
+        self._admin = None
+        self._declared.clear()
+        if connection is None:
+            return
+        try:
+            if self.delete_queues_on_close:
+                await self._delete_declared(connection)
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def _delete_declared(self, connection: AbstractRobustConnection) -> None:
+        """Delete the queues this broker declared (tests and throwaway environments)."""
+        with contextlib.suppress(Exception):
+            async with connection.channel(publisher_confirms=False) as channel:
+                underlay = await channel.get_underlay_channel()
+                for names in self._names.values():
+                    await underlay.queue_delete(names.queue)
+                    await underlay.queue_delete(names.dead)
+                for dlx in {names.dlx for names in self._names.values()}:
+                    await underlay.exchange_delete(dlx)
+
+    def __repr__(self) -> str:
+        return (
+            f"AmqpBroker({self.url!r}, key_prefix={self.key_prefix!r}, "
+            f"queue_type={self.queue_type!r})"
+        )
+
+
+def _dead_letter(queue: str, message: DeliveredMessage) -> DeadLetter:
+    headers: dict[str, Any] = dict(message.header.properties.headers or {})
+    reason = headers.get(REASON_HEADER)
+    at = headers.get(DEAD_AT_HEADER)
+    if reason is None:
+        # Dead-lettered by RabbitMQ itself (delivery limit, rejection, expiry): x-death says why.
+        deaths = headers.get("x-death") or [{}]
+        death = deaths[0] if isinstance(deaths, list) and deaths else {}
+        reason = f"rabbitmq: {_text(death.get('reason', 'unknown'))}"
+        when = death.get("time")
+        at = when.timestamp() if isinstance(when, datetime) else at
+    return DeadLetter(
+        queue=queue,
+        body=message.body,
+        reason=_text(reason),
+        at=float(at) if isinstance(at, int | float) else time.time(),
+    )
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
