@@ -9,17 +9,36 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import uuid
+
+from aioqueue import AsyncResult, BrokerError, Signature
 
 from .proj import add, app
+
+
+async def send_with_retry(chunk: list[Signature[[int, int], int]]) -> list[AsyncResult[int]]:
+    for attempt in range(1, 6):
+        try:
+            return await add.send_many(chunk)
+        except BrokerError as exc:  # raised, never silently lost: the caller decides
+            print(f"send failed ({exc}); attempt {attempt}, sending the chunk again")
+            await asyncio.sleep(0.5 * attempt)
+    raise SystemExit("broker unavailable")
 
 
 async def main(count: int) -> None:
     async with app:
         started = time.perf_counter()
+        run = uuid.uuid4().hex[:8]
         results = []
         for start in range(0, count, 1000):
-            chunk = [(i, i) for i in range(start, min(start + 1000, count))]
-            results.extend(await add.send_many(chunk))
+            # Fixed ids make a resend after a connection loss harmless: a duplicate message
+            # (at-least-once) writes the same result under the same id.
+            chunk = [
+                add.s(i, i).set(task_id=f"{run}-{i}")
+                for i in range(start, min(start + 1000, count))
+            ]
+            results.extend(await send_with_retry(chunk))
         sent = time.perf_counter()
         values = await asyncio.gather(*(r.get(timeout=600) for r in results))
         done = time.perf_counter()
