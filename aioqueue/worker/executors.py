@@ -126,13 +126,32 @@ class ProcessPool:
         self._idle: asyncio.Queue[_Child] = asyncio.Queue()
         self._children: set[_Child] = set()
         self._spawners: set[asyncio.Task[None]] = set()
+        self._started: asyncio.Task[None] | None = None
         self._closing = False
 
-    async def start(self) -> None:
-        """Start every child and wait until each has imported the app (fails loudly if not)."""
-        children = await asyncio.gather(*(self._spawn() for _ in range(self.size)))
+    async def _ensure_started(self) -> None:
+        """Start every child on the first process task, so a worker that never runs one
+        never pays their memory; concurrent first callers share the one start-up."""
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._start_all())
+        try:
+            await asyncio.shield(self._started)
+        except ConfigurationError:
+            self._started = None  # the next process task tries again
+            raise
+
+    async def _start_all(self) -> None:
+        children = await asyncio.gather(
+            *(self._spawn() for _ in range(self.size)), return_exceptions=True
+        )
+        failures = [c for c in children if isinstance(c, BaseException)]
         for child in children:
-            self._idle.put_nowait(child)
+            if isinstance(child, _Child):
+                self._idle.put_nowait(child)
+        if failures and len(failures) == len(children):
+            raise failures[0]
+        for failure in failures:
+            log.error("a process-pool child failed to start: %s", failure)
 
     async def _spawn(self) -> _Child:
         env = dict(os.environ)
@@ -194,6 +213,7 @@ class ProcessPool:
     ) -> Any:
         """Run a registered task in a child; raises ChildTaskError or WorkerLostError."""
         payload = self._serializer.dumps([task_name, list(args), kwargs])
+        await self._ensure_started()
         child = await self._idle.get()
         try:
             if on_start is not None:
@@ -238,6 +258,9 @@ class ProcessPool:
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._started is not None and not self._started.done():
+            self._started.cancel()
+            await asyncio.wait({self._started})
         for spawner in list(self._spawners):
             spawner.cancel()
         for child in list(self._children):
@@ -273,7 +296,7 @@ class Runner:
         self._pool: ProcessPool | None = None
 
     async def start(self) -> None:
-        """Start the process pool now if any registered task needs it."""
+        """Check the process pool can be built; its children start with the first task."""
         needs_pool = any(t.executor == "process" for t in self._app.tasks.values())
         if needs_pool and self._processes < 1:
             raise ConfigurationError("the app has process tasks: processes must be at least 1")
@@ -284,7 +307,6 @@ class Runner:
                 max_tasks_per_child=self._max_tasks_per_child,
                 serializer=self._app.conf.serializer,
             )
-            await self._pool.start()
 
     async def run_in_thread(
         self,
