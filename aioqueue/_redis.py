@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from .config import mask_url
 from .errors import AioQueueError, BrokerConnectionError, BrokerError
 
-__all__ = ["CommandBatcher", "Commands", "Script", "connect_redis", "redis_errors_as"]
+__all__ = ["CommandBatcher", "Commands", "Script", "Stage", "connect_redis", "redis_errors_as"]
 
 # redis-py's annotations assume str replies; we speak bytes, so clients are typed loosely.
 RedisClient = Any

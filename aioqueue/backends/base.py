@@ -8,7 +8,12 @@ __all__ = ["ResultBackend"]
 
 
 class ResultBackend(Protocol):
-    """Stores task outcomes and wakes the coroutines awaiting them."""
+    """Stores task outcomes and wakes the coroutines awaiting them.
+
+    Optional capability: ``async store_and_ack(delivery, task_id, outcome, *, ttl, reply_to)
+    -> bool`` stores and acks in one round trip when the backend shares the broker's server,
+    returning False when it cannot (the worker then stores and acks in turn).
+    """
 
     url: str
     """The backend URL with any password masked: safe to log."""

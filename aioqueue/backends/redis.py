@@ -254,6 +254,24 @@ class RedisBackend:
             partial(self.stage_store, task_id=task_id, outcome=outcome, ttl=ttl, reply_to=reply_to)
         )
 
+    async def store_and_ack(
+        self, delivery: object, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
+    ) -> bool:
+        """Store and ack in one round trip when the delivery came from this same Redis.
+
+        Returns False (nothing done) otherwise; the worker then stores and acks in turn. The
+        store still runs first inside the batch, so a crash between them means a redelivery,
+        never a lost outcome.
+        """
+        on_server = getattr(delivery, "on_server", None)
+        if on_server is None or not on_server(self._raw_url):
+            return False
+        stage = partial(
+            self.stage_store, task_id=task_id, outcome=outcome, ttl=ttl, reply_to=reply_to
+        )
+        await delivery.ack_after(stage)  # type: ignore[attr-defined]
+        return True
+
     async def store_state(
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None = None
     ) -> None:

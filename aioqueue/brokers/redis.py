@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from .._redis import CommandBatcher, Commands, RedisClient, Script, connect_redis, redis_errors_as
+from .._redis import CommandBatcher, Commands, RedisClient, Script, Stage, connect_redis, redis_errors_as
 from ..config import mask_url
 from .base import Consumer, DeadLetter, Delivery, attempt_of
 
@@ -137,12 +137,24 @@ class _RedisDelivery:
     def redelivered(self) -> bool:
         return self.attempt > 1
 
-    def stage_ack(self, pipe: Any) -> None:
-        """Add this delivery's ack to a pipeline (lets a backend store and ack in one trip)."""
+    def stage_ack(self, pipe: Commands) -> None:
         pipe.lrem(self._processing, -1, self.body)
 
     async def ack(self) -> None:
         await self._consumer.broker.batcher.run(self.stage_ack)
+
+    def on_server(self, url: str) -> bool:
+        """True if this delivery's broker is the Redis server (and db) at ``url``."""
+        return self._consumer.broker.same_server(url)
+
+    async def ack_after(self, stage: Stage) -> None:
+        """Run ``stage`` (a result store) and this ack in one round trip, store first."""
+
+        def both(pipe: Commands) -> None:
+            stage(pipe)
+            self.stage_ack(pipe)
+
+        await self._consumer.broker.batcher.run(both)
 
     async def requeue(self) -> None:
         keys = self._consumer.broker.keys(self.queue)
@@ -329,6 +341,9 @@ class RedisBroker:
 
     def errors(self) -> contextlib.AbstractContextManager[None]:
         return redis_errors_as(self._raw_url)
+
+    def same_server(self, url: str) -> bool:
+        return url == self._raw_url
 
     def keys(self, queue: str) -> _Keys:
         keys = self._keys.get(queue)

@@ -309,8 +309,17 @@ class Worker:
         steps: list[Callable[[], Awaitable[None]]] = []
         if dead_reason is not None:
             steps.append(partial(delivery.dead_letter, dead_reason))
+        joint = getattr(self._backend, "store_and_ack", None)
         if raw is not None and task_id is not None:
-            steps.append(partial(self._backend.store, task_id, raw, ttl=ttl, reply_to=reply_to))
+            if dead_reason is None and ack and joint is not None:
+                steps.append(
+                    partial(self._store_and_ack, joint, delivery, task_id, raw, ttl, reply_to)
+                )
+                ack = False
+            else:
+                steps.append(
+                    partial(self._backend.store, task_id, raw, ttl=ttl, reply_to=reply_to)
+                )
         if dead_reason is None and ack:
             steps.append(delivery.ack)
         delays = iter(_SETTLE_RETRY_DELAYS)
@@ -325,6 +334,21 @@ class Worker:
                     return
                 log.warning("settling failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
+
+    async def _store_and_ack(
+        self,
+        joint: Callable[..., Awaitable[bool]],
+        delivery: Delivery,
+        task_id: str,
+        raw: bytes,
+        ttl: float,
+        reply_to: str | None,
+    ) -> None:
+        """One round trip when backend and broker share a server, else store then ack."""
+        assert self._backend is not None
+        if not await joint(delivery, task_id, raw, ttl=ttl, reply_to=reply_to):
+            await self._backend.store(task_id, raw, ttl=ttl, reply_to=reply_to)
+            await delivery.ack()
 
     async def _reject(self, delivery: Delivery, message: Message | None, error: Exception) -> None:
         """Bad input: record FAILURE where an id is known, keep the raw message as a dead letter."""
