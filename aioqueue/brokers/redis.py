@@ -29,7 +29,15 @@ from typing import Any
 
 import orjson
 
-from .._redis import CommandBatcher, Commands, RedisClient, Script, Stage, connect_redis, redis_errors_as
+from .._redis import (
+    CommandBatcher,
+    Commands,
+    RedisClient,
+    Script,
+    Stage,
+    connect_redis,
+    redis_errors_as,
+)
 from ..config import mask_url
 from .base import Consumer, DeadLetter, Delivery, attempt_of
 

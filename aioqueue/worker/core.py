@@ -317,9 +317,7 @@ class Worker:
                 )
                 ack = False
             else:
-                steps.append(
-                    partial(self._backend.store, task_id, raw, ttl=ttl, reply_to=reply_to)
-                )
+                steps.append(partial(self._backend.store, task_id, raw, ttl=ttl, reply_to=reply_to))
         if dead_reason is None and ack:
             steps.append(delivery.ack)
         delays = iter(_SETTLE_RETRY_DELAYS)
