@@ -21,7 +21,7 @@ from .connections import build_backend, build_broker
 from .errors import ConfigurationError, TaskNotRegistered
 from .message import Message, MessageCodec
 from .result import AsyncResult, EagerResult
-from .task import Executor, SendOptions, Signature, Task
+from .task import Executor, SendOptions, Signature, Task, make_send_options
 
 if TYPE_CHECKING:
     from .backends.base import ResultBackend
@@ -283,15 +283,23 @@ class App:
         kwargs: dict[str, Any],
         options: SendOptions | None,
     ) -> AsyncResult[R]:
+        return await self._send(task.name, task.queue, args, kwargs, options or _NO_OPTIONS)
+
+    async def _send(
+        self,
+        task_name: str,
+        queue: str | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: SendOptions,
+    ) -> AsyncResult[Any]:
         broker = await self.ready_broker()
-        backend = self._backend
+        backend = self._backend  # not built yet: nobody here waits, so no reply channel
         reply_to = backend.reply_to() if backend is not None else None
-        message = self._build_message(
-            task.name, task.queue, args, kwargs, options or _NO_OPTIONS, reply_to
-        )
+        message = self._build_message(task_name, queue, args, kwargs, options, reply_to)
         await broker.publish(message.queue, self.codec.encode(message))
         token = backend.send_token() if backend is not None else None
-        return AsyncResult(message.id, self, task_name=task.name, token=token)
+        return AsyncResult(message.id, self, task_name=task_name, token=token)
 
     async def send_batch(
         self,
@@ -333,16 +341,8 @@ class App:
         **options: Any,
     ) -> AsyncResult[Any]:
         """Send a task by name, from code that cannot import it (it need not be registered here)."""
-        from .task import make_send_options
-
         send_options = make_send_options(_NO_OPTIONS, options)
-        broker = await self.ready_broker()
-        backend = self._backend
-        reply_to = backend.reply_to() if backend is not None else None
-        message = self._build_message(name, None, tuple(args), kwargs or {}, send_options, reply_to)
-        await broker.publish(message.queue, self.codec.encode(message))
-        token = backend.send_token() if backend is not None else None
-        return AsyncResult(message.id, self, task_name=name, token=token)
+        return await self._send(name, None, tuple(args), kwargs or {}, send_options)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A handle on a task sent by anyone, by its id."""
