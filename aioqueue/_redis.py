@@ -124,7 +124,8 @@ class Script:
         try:
             return await batcher.run(by_sha)
         except AioQueueError as exc:
-            if "NOSCRIPT" not in str(exc):
+            # A restarted or flushed server forgot the script (hiredis names it NoScriptError).
+            if not isinstance(exc.__cause__, redis_errors.NoScriptError):
                 raise
             return await batcher.run(by_text)
 
