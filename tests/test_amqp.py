@@ -18,11 +18,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiormq
 import pytest
 from amqp_cli_app import make_app
-from conftest import AMQP_URL, require_server, running_worker, wait_until
+from conftest import AMQP_URL, REDIS_URL, require_server, running_worker, wait_until
 
 from aioqueue import App, BrokerError, ResultBackendError
+from aioqueue._amqp import guarded
 from aioqueue.brokers.amqp import AmqpBroker
 from aioqueue.brokers.base import Delivery
 
@@ -72,6 +74,24 @@ async def close_connections(name_part: str) -> int:
     pids = [line.split("\t", 1)[0] for line in listing.splitlines() if name_part in line]
     for pid in pids:
         await rabbitmqctl("close_connection", pid, "closed by aioqueue test")
+    return len(pids)
+
+
+async def close_own_connections() -> int:
+    """Close, all at once, every connection of this process's apps (``rabbitmqctl
+    close_all_connections`` as this process sees it, without touching anybody else's)."""
+    listing = await rabbitmqctl(
+        "list_connections", "--no-table-headers", "pid", "client_properties"
+    )
+    mine = f'@{socket.gethostname()}:{os.getpid()}"'
+    pids = [
+        line.split("\t", 1)[0]
+        for line in listing.splitlines()
+        if '"aioqueue:amqp-cli/' in line and mine in line
+    ]
+    await asyncio.gather(
+        *(rabbitmqctl("close_connection", pid, "closed by aioqueue test") for pid in pids)
+    )
     return len(pids)
 
 
@@ -162,6 +182,58 @@ async def test_lost_connection_fails_sends_loudly_and_sending_recovers(
         assert await app.broker.queue_length("default") >= confirmed
 
 
+class _DyingChannel:
+    """Just what guarded() looks at: an aiormq channel's is_closed and closing observer."""
+
+    def __init__(self) -> None:
+        self._closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closing.done()
+
+    @property
+    def closing(self) -> asyncio.Future[None]:
+        return self._closing
+
+    def die(self) -> None:
+        self._closing.set_exception(aiormq.exceptions.ConnectionClosed(320, "forced"))
+
+
+async def test_an_operation_stuck_on_a_dead_connection_fails_when_its_channel_closes() -> None:
+    """The hang behind the stalled worker: aiormq queues frames in a bounded queue that nobody
+    reads once the connection died, so an ack or publish waiting for room there waits forever
+    unless something stops it when the channel closes."""
+    channel: Any = _DyingChannel()
+    frames: asyncio.Queue[int] = asyncio.Queue(maxsize=1)
+    frames.put_nowait(0)  # full, and the writer that would empty it is gone
+
+    async def ack() -> None:
+        with guarded(channel):
+            await frames.put(1)
+
+    stuck = asyncio.gather(*(ack() for _ in range(3)), return_exceptions=True)
+    await asyncio.sleep(0.01)
+    channel.die()
+    outcomes = await asyncio.wait_for(stuck, 1)
+    assert all(isinstance(o, aiormq.exceptions.ChannelInvalidStateError) for o in outcomes)
+    with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
+        await ack()  # closed already: refused at once
+
+    # a cancellation from elsewhere stays a cancellation
+    other: Any = _DyingChannel()
+
+    async def wait_on_other() -> None:
+        with guarded(other):
+            await frames.put(2)
+
+    task = asyncio.create_task(wait_on_other())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 # -- consuming ----------------------------------------------------------------------------
 
 
@@ -195,6 +267,68 @@ async def test_worker_resumes_after_the_broker_closes_its_connection(amqp_app: A
     assert values == list(range(2000))
     assert set(runs) == set(range(2000))
     assert sum(runs.values()) > 2000  # the held ones were unacked: RabbitMQ gave them again
+
+
+async def test_every_task_completes_when_the_broker_closes_all_connections_at_once(
+    amqp_app: AppMaker, redis_cleanup: None
+) -> None:
+    """Sender, worker consumer and worker client connections all dropped mid-stream.
+
+    Nothing may wait forever on a dead connection: not an ack (the worker would stall with
+    its slots full), not a publish (a send_many would never return), not the shutdown.
+    """
+    sender = amqp_app(backend=REDIS_URL, amqp_reconnect_interval=0.1)
+    worker_app = amqp_app(backend=REDIS_URL, amqp_reconnect_interval=0.1)
+    step: Any = None
+    for app in (sender, worker_app):
+
+        @app.task(name="amqp_cli_app.double")
+        async def double(i: int) -> int:
+            await asyncio.sleep(0.04)  # 20 slots: ~500 tasks (and acks) a second
+            return 2 * i
+
+        if app is sender:
+            step = double
+    total, chunk_size = 2000, 100
+    results: list[Any] = []
+
+    async def send_all() -> None:
+        for start in range(0, total, chunk_size):
+            chunk = [step.s(i).set(task_id=f"t-{i}") for i in range(start, start + chunk_size)]
+            for attempt in range(10):
+                try:
+                    async with asyncio.timeout(10):  # a hang here is the bug
+                        results.extend(await step.send_many(chunk))
+                    break
+                except BrokerError:
+                    await asyncio.sleep(0.1 * (attempt + 1))
+            else:
+                raise AssertionError("the chunk was never sent")
+            await asyncio.sleep(0.2)  # ~500 a second too: ~4 s of sending, acking and storing
+
+    async with sender:
+        worker_cm = running_worker(worker_app, concurrency=20, worker_id="close-all")
+        worker = await worker_cm.__aenter__()
+        try:
+            sending = asyncio.create_task(send_all())
+
+            async def streaming() -> bool:
+                return worker.processed >= 100
+
+            await wait_until(streaming)
+            assert await close_own_connections() >= 3  # sender, worker client, consumer
+            await asyncio.wait_for(sending, 20)
+            values = await asyncio.gather(*(r.get(timeout=20) for r in results))
+        finally:
+            loop = asyncio.get_running_loop()
+            stopping = loop.time()
+            await asyncio.wait_for(worker_cm.__aexit__(None, None, None), 10)
+            stopped_in = loop.time() - stopping
+    # sends after the close went through the reconnected channel pool (a send caught by the
+    # close itself, if any, raised BrokerError and was sent again)
+    assert len(results) == total
+    assert values == [2 * i for i in range(total)]
+    assert stopped_in < 5, f"the graceful stop took {stopped_in:.1f}s"
 
 
 async def test_prefetch_follows_free_slots(amqp_app: AppMaker) -> None:

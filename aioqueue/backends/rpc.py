@@ -38,7 +38,14 @@ from collections import OrderedDict
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 
-from ..brokers.amqp import ChannelPool, amqp_errors, connection_name, open_connection
+from .._amqp import (
+    ChannelPool,
+    amqp_errors,
+    close_quietly,
+    connection_name,
+    guarded,
+    open_connection,
+)
 from ..config import mask_url
 from ..errors import ResultBackendError, ResultTimeout
 
@@ -209,9 +216,10 @@ class RpcBackend:
         )
         with self.errors():
             channel = await self._pool.get(self._connect_timeout)
-            await channel.basic_publish(
-                outcome, exchange="", routing_key=reply_to, properties=properties
-            )
+            with guarded(channel):
+                await channel.basic_publish(
+                    outcome, exchange="", routing_key=reply_to, properties=properties
+                )
 
     async def store(
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
@@ -270,8 +278,7 @@ class RpcBackend:
                 waiter.exception()  # retrieved: no "never retrieved" warning if nobody waits
         self._waiters.clear()
         if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()
+            await close_quietly(connection, self._connect_timeout)
 
     def __repr__(self) -> str:
         return f"RpcBackend(over {self.broker_url!r}, key_prefix={self.key_prefix!r})"

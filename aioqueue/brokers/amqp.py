@@ -44,16 +44,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import os
-import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any
 
-import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractIncomingMessage,
@@ -63,10 +59,18 @@ from aio_pika.abc import (
 )
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
-from yarl import URL
 
+from .._amqp import (
+    ChannelPool,
+    amqp_errors,
+    close_quietly,
+    connection_name,
+    guarded,
+    open_connection,
+    ready_channel,
+)
 from ..config import mask_url
-from ..errors import AioQueueError, BrokerConnectionError, BrokerError, ConfigurationError
+from ..errors import BrokerError, ConfigurationError
 from .base import Consumer, DeadLetter, Delivery
 
 __all__ = ["AmqpBroker", "ChannelPool", "amqp_errors", "connection_name", "open_connection"]
@@ -80,132 +84,6 @@ QUEUE_TYPES = frozenset({"classic", "quorum"})
 _MAX_PREFETCH = 65535
 _PUBLISH_WINDOW = 1000
 _BURST_SETTLE = 1.0
-
-
-# -- plumbing shared with the rpc:// result backend ----------------------------------------
-
-
-def connection_name(client_name: str, role: str) -> str:
-    """``aioqueue:<app>/<role>@<host>:<pid>``: what ``rabbitmqctl list_connections name`` shows."""
-    return f"{client_name}/{role}@{socket.gethostname()}:{os.getpid()}"
-
-
-@contextlib.contextmanager
-def amqp_errors(
-    url: str,
-    error: type[AioQueueError] = BrokerError,
-    connection_error: type[AioQueueError] = BrokerConnectionError,
-    what: str = "broker",
-) -> Iterator[None]:
-    """Translate aio-pika / aiormq errors into ours at the seam, the URL's password masked.
-
-    aiormq cancels the futures of a channel that dies; a CancelledError that nobody asked for
-    (our task is not being cancelled) is therefore a lost connection, not a cancellation.
-    """
-    masked = mask_url(url)
-    try:
-        yield
-    except asyncio.CancelledError as exc:
-        task = asyncio.current_task()
-        if task is None or task.cancelling():
-            raise
-        _raise(connection_error, f"lost the connection to {what} at {masked}", exc)
-    except aiormq.exceptions.PublishError as exc:
-        _raise(error, f"{what} at {masked} returned the message as unroutable: {exc}", exc)
-    except aiormq.exceptions.DeliveryError as exc:
-        _raise(error, f"{what} at {masked} refused the message (nack): {exc}", exc)
-    except aiormq.exceptions.AMQPChannelError as exc:
-        _raise(error, f"{what} at {masked} failed: {exc}", exc)
-    except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
-        _raise(connection_error, f"lost the connection to {what} at {masked}: {exc!r}", exc)
-    except (OSError, TimeoutError) as exc:
-        _raise(connection_error, f"cannot reach {what} at {masked}: {exc!r}", exc)
-
-
-def _raise(kind: type[AioQueueError], message: str, cause: BaseException) -> NoReturn:
-    raise kind(message) from cause
-
-
-async def open_connection(
-    url: str,
-    *,
-    name: str,
-    timeout: float,
-    heartbeat: float,
-    reconnect_interval: float,
-    error: type[AioQueueError] = BrokerConnectionError,
-) -> AbstractRobustConnection:
-    """A robust connection: it reconnects by itself and restores its channels and consumers.
-
-    ``heartbeat`` and ``reconnect_interval`` apply unless the URL's query sets them; amqps://
-    URLs take aio-pika's TLS query options (cafile, certfile, keyfile, no_verify_ssl).
-    """
-    parsed = URL(url)
-    query: dict[str, str] = {}
-    if "heartbeat" not in parsed.query:
-        query["heartbeat"] = str(int(heartbeat))
-    if "reconnect_interval" not in parsed.query:
-        query["reconnect_interval"] = str(reconnect_interval)
-    try:
-        return await aio_pika.connect_robust(
-            parsed.update_query(query),
-            client_properties={"connection_name": name},
-            timeout=timeout,
-        )
-    except Exception as exc:  # aio-pika raises a wide variety here; all mean "cannot connect"
-        _raise(error, f"cannot connect to {mask_url(url)}: {exc!r}", exc)
-
-
-async def ready_channel(channel: AbstractRobustChannel, timeout: float) -> AbstractChannel:
-    """The live underlying channel, waiting (up to ``timeout``) while the connection recovers."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise TimeoutError(f"channel not ready within {timeout}s")
-        async with asyncio.timeout(remaining):
-            await channel.ready()
-        with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError):
-            underlay = await channel.get_underlay_channel()
-            if not underlay.is_closed:
-                return underlay
-        # Between the socket dying and the robust connection noticing, the old channel is
-        # still the current one: wait a moment for the recovery to take over.
-        await asyncio.sleep(0.02)
-
-
-class ChannelPool:
-    """A fixed number of confirm-mode channels on one connection, used round robin.
-
-    aiormq pipelines publishes on a channel and matches confirms by delivery tag, so concurrent
-    publishers on one channel already overlap; a few channels spread the work over RabbitMQ's
-    per-channel processes. Channels are opened on first use and reopened by the robust
-    connection after a reconnect.
-    """
-
-    def __init__(self, connection: AbstractRobustConnection, size: int, confirms: bool) -> None:
-        self._connection = connection
-        self._size = max(1, size)
-        self._confirms = confirms
-        self._channels: list[AbstractRobustChannel] = []
-        self._opening: asyncio.Lock = asyncio.Lock()
-        self._next = itertools.count()
-
-    async def get(self, timeout: float) -> AbstractChannel:
-        if len(self._channels) < self._size:
-            async with self._opening:
-                if len(self._channels) < self._size:
-                    channel = self._connection.channel(publisher_confirms=self._confirms)
-                    await channel.initialize(timeout=timeout)
-                    self._channels.append(channel)
-                    return await ready_channel(channel, timeout)
-        channel = self._channels[next(self._next) % len(self._channels)]
-        return await ready_channel(channel, timeout)
-
-    @property
-    def open_channels(self) -> int:
-        return len(self._channels)
 
 
 # -- the broker -------------------------------------------------------------------------
@@ -261,12 +139,20 @@ class _AmqpDelivery:
         if self._settle():
             # basic.ack has no reply; queueing the frame (wait=False) skips a drain per ack.
             # A frame lost with its connection means a redelivery: at-least-once either way.
-            with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError):
+            # Guarded all the same: with its connection dead, even queueing the frame can
+            # wait forever (see aioqueue._amqp).
+            with (
+                contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError),
+                guarded(self._channel),
+            ):
                 await self._channel.basic_ack(self._tag, wait=False)
 
     async def requeue(self) -> None:
         if self._settle():
-            with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError):
+            with (
+                contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError),
+                guarded(self._channel),
+            ):
                 await self._channel.basic_nack(self._tag, requeue=True)
 
     async def dead_letter(self, reason: str) -> None:
@@ -296,7 +182,8 @@ class _AmqpConsumer:
         self._amqp_queues: dict[str, AbstractRobustQueue] = {}
         self._tags: dict[str, list[str]] = {}
         self._prefetch = 0
-        self._rebuild = False
+        self._reopens = 0  # channel reopens seen by the robust connection ...
+        self._rebuilt = 0  # ... and the number the consumers were last rebuilt for
         # A channel-wide limit covers several classic queues at once; quorum queues refuse
         # global QoS, so there the limit is per queue (documented on AmqpBroker).
         self._global_qos = len(self.queues) > 1 and broker.queue_type == "classic"
@@ -370,36 +257,64 @@ class _AmqpConsumer:
         every consumer again with the last limit set, so the next fetch rebuilds them as one.
         """
         needed = min(needed, _MAX_PREFETCH)
-        if self._rebuild:
+        if self._reopens != self._rebuilt and self._prefetch:
             await self._rebuild_consumers()
         if needed <= self._prefetch:
             return
-        delta, self._prefetch = needed - self._prefetch, needed
-        with self.broker.errors():
-            if self._global_qos:
-                await self.channel.set_qos(prefetch_count=needed, global_=True)
-                if self._tags:
-                    return
-            else:
-                await self.channel.set_qos(prefetch_count=delta)
-            for queue, amqp_queue in self._amqp_queues.items():
-                tag = await amqp_queue.consume(self._callback(queue))
-                self._tags.setdefault(queue, []).append(tag)
+        delta = needed - self._prefetch
+        added = False
+        try:
+            async with self._controlling():
+                if self._global_qos:
+                    await self.channel.set_qos(prefetch_count=needed, global_=True)
+                    if self._tags:
+                        self._prefetch = needed
+                        return
+                else:
+                    await self.channel.set_qos(prefetch_count=delta)
+                for queue, amqp_queue in self._amqp_queues.items():
+                    tag = await amqp_queue.consume(self._callback(queue))
+                    self._tags.setdefault(queue, []).append(tag)
+                    added = True
+        except BaseException:
+            if added:
+                # Half done: some queues have the new consumer, some not. Rebuilding makes
+                # it one consumer per queue with the whole limit.
+                self._prefetch = needed
+                self._reopens += 1
+            raise
+        self._prefetch = needed
+
+    @contextlib.asynccontextmanager
+    async def _controlling(self) -> AsyncIterator[None]:
+        """Consumer and QoS changes: on the live channel, bounded in time, failing (instead of
+        hanging) if the channel dies under them."""
+        broker = self.broker
+        with broker.errors():
+            async with asyncio.timeout(broker.connect_timeout):
+                underlay = await ready_channel(self.channel, broker.connect_timeout)
+                with guarded(underlay):
+                    yield
 
     async def _rebuild_consumers(self) -> None:
-        self._rebuild = False
-        if self._global_qos or not self._tags:
-            return
-        with self.broker.errors():
-            for queue, tags in self._tags.items():
-                for tag in tags:
-                    await self._amqp_queues[queue].cancel(tag)
-            await self.channel.set_qos(prefetch_count=self._prefetch)
+        """After a reconnect: one consumer per queue again, with the whole limit."""
+        reopens = self._reopens
+        async with self._controlling():
+            if self._global_qos:
+                await self.channel.set_qos(prefetch_count=self._prefetch, global_=True)
+            else:
+                for queue, tags in self._tags.items():
+                    while tags:
+                        await self._amqp_queues[queue].cancel(tags[-1])
+                        tags.pop()
+                await self.channel.set_qos(prefetch_count=self._prefetch)
             for queue, amqp_queue in self._amqp_queues.items():
-                self._tags[queue] = [await amqp_queue.consume(self._callback(queue))]
+                if not self._tags.get(queue):
+                    self._tags[queue] = [await amqp_queue.consume(self._callback(queue))]
+        self._rebuilt = reopens
 
     def _on_reopen(self, *_: Any) -> None:
-        self._rebuild = True
+        self._reopens += 1
 
     def _callback(self, queue: str) -> Callable[[AbstractIncomingMessage], Any]:
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -409,31 +324,41 @@ class _AmqpConsumer:
         return on_message
 
     async def close(self) -> None:
-        """Cancel the consumers, give back everything unsettled, close the connection."""
+        """Cancel the consumers, give back everything unsettled, close the connection.
+
+        Bounded in time: with RabbitMQ away there is nothing to give back (it requeued the
+        unacked messages when the connection died), and waiting for it would hold up the
+        worker's shutdown.
+        """
         if self._connection is None:
             return
         connection, self._connection = self._connection, None
+        timeout = self.broker.connect_timeout
         try:
-            await self._give_back()
+            if connection.connected.is_set():
+                async with asyncio.timeout(timeout):
+                    await self._give_back()
+        except Exception as exc:
+            log.info("giving back unsettled deliveries failed (%r); RabbitMQ requeues them", exc)
         finally:
-            with contextlib.suppress(Exception):
-                await connection.close()
+            self._buffer.clear()
+            await close_quietly(connection, timeout)
 
     async def _give_back(self) -> None:
         channel = self._channel
         if channel is None or channel.is_closed:
             return
         with contextlib.suppress(Exception):
-            for queue, tags in self._tags.items():
-                for tag in tags:
-                    await self._amqp_queues[queue].cancel(tag)
+            async with self._controlling():
+                for queue, tags in self._tags.items():
+                    for tag in tags:
+                        await self._amqp_queues[queue].cancel(tag)
         unsettled = [d for d in (*self._buffer, *self.handed) if not d.stale]
         self._buffer.clear()
         for delivery in sorted(unsettled, key=lambda d: d._tag):
             await delivery.requeue()
         # Closing waits for close-ok: the requeues above are done before anyone looks again.
-        with contextlib.suppress(Exception):
-            await channel.close()
+        await close_quietly(channel, self.broker.connect_timeout)
 
 
 class AmqpBroker:
@@ -539,9 +464,17 @@ class AmqpBroker:
         await self.connect()
         assert self._connection is not None
         if self._admin is None:
-            self._admin = self._connection.channel(publisher_confirms=False)
-            await self._admin.initialize(timeout=self.connect_timeout)
-        return await ready_channel(self._admin, self.connect_timeout)
+            admin = self._connection.channel(publisher_confirms=False)
+            await admin.initialize(timeout=self.connect_timeout)
+            self._admin = admin
+        try:
+            return await ready_channel(self._admin, self.connect_timeout)
+        except TimeoutError:
+            if self._connection.connected.is_set():
+                # The connection is back but this channel is not: open another next time.
+                stale, self._admin = self._admin, None
+                await close_quietly(stale, self.connect_timeout)
+            raise
 
     async def declare(self, queue: str) -> None:
         """Declare ``queue`` with its dead-letter exchange and queue, once per connection."""
@@ -561,6 +494,10 @@ class AmqpBroker:
 
     async def _declare(self, names: _Names) -> None:
         channel = await self._admin_channel()
+        with guarded(channel):
+            await self._declare_on(channel, names)
+
+    async def _declare_on(self, channel: AbstractChannel, names: _Names) -> None:
         await channel.exchange_declare(names.dlx, exchange_type="direct", durable=True)
         dead_args: dict[str, Any] = {"x-queue-type": self.queue_type}
         await channel.queue_declare(names.dead, durable=True, arguments=dead_args)
@@ -583,13 +520,14 @@ class AmqpBroker:
         properties = Basic.Properties(delivery_mode=2, headers=headers)
         with self.errors():
             channel = await self._pool.get(self.connect_timeout)
-            await channel.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=True,
-            )
+            with guarded(channel):
+                await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
 
     async def publish(self, queue: str, body: bytes) -> None:
         if queue not in self._declared or not self._declared[queue].done():
@@ -640,9 +578,15 @@ class AmqpBroker:
         assert self._connection is not None
         try:
             with self.errors():
-                async with self._connection.channel(publisher_confirms=False) as channel:
+                async with (
+                    asyncio.timeout(self.connect_timeout),
+                    self._connection.channel(publisher_confirms=False) as channel,
+                ):
                     underlay = await channel.get_underlay_channel()
-                    declared = await underlay.queue_declare(self.names(queue).queue, passive=True)
+                    with guarded(underlay):
+                        declared = await underlay.queue_declare(
+                            self.names(queue).queue, passive=True
+                        )
         except BrokerError as exc:
             if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
                 return 0
@@ -660,10 +604,14 @@ class AmqpBroker:
         out: list[DeadLetter] = []
         try:
             with self.errors():
-                async with self._connection.channel(publisher_confirms=False) as channel:
+                async with (
+                    asyncio.timeout(self.connect_timeout),
+                    self._connection.channel(publisher_confirms=False) as channel,
+                ):
                     underlay = await channel.get_underlay_channel()
                     while len(out) < limit:
-                        got = await underlay.basic_get(self.names(queue).dead, no_ack=False)
+                        with guarded(underlay):
+                            got = await underlay.basic_get(self.names(queue).dead, no_ack=False)
                         if not isinstance(got.delivery, Basic.GetOk):
                             break
                         out.append(_dead_letter(queue, got))
@@ -682,10 +630,11 @@ class AmqpBroker:
             return
         try:
             if self.delete_queues_on_close:
-                await self._delete_declared(connection)
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self.connect_timeout):
+                        await self._delete_declared(connection)
         finally:
-            with contextlib.suppress(Exception):
-                await connection.close()
+            await close_quietly(connection, self.connect_timeout)
 
     async def _delete_declared(self, connection: AbstractRobustConnection) -> None:
         """Delete the queues this broker declared (tests and throwaway environments)."""

@@ -1,0 +1,269 @@
+"""AMQP plumbing shared by the amqp:// broker and the rpc:// result backend.
+
+Connections are aio-pika robust connections (they reconnect and restore their channels and
+consumers by themselves); operations go to the live aiormq channel underneath.
+
+One hazard of aiormq shapes this module: a channel writes through its connection's *bounded*
+frame queue (ten frames). When the connection dies, nothing reads that queue any more, so a
+publish, ack or RPC that is waiting for room in it (or for the channel lock held by such a
+publish) waits forever: closing the channel fails the futures aiormq knows about, not a
+``Queue.put``. Every operation on a channel therefore runs under :func:`guarded`, which
+cancels it the moment the channel closes and raises ``ChannelInvalidStateError`` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import weakref
+from collections.abc import Iterator
+from types import TracebackType
+from typing import NoReturn
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import AbstractChannel
+from yarl import URL
+
+from .config import mask_url
+from .errors import AioQueueError, BrokerConnectionError, BrokerError
+
+__all__ = [
+    "ChannelPool",
+    "amqp_errors",
+    "close_quietly",
+    "connection_name",
+    "guarded",
+    "open_connection",
+    "ready_channel",
+]
+
+_CLOSED = "aioqueue: the AMQP channel closed under this operation"
+
+
+def connection_name(client_name: str, role: str) -> str:
+    """``aioqueue:<app>/<role>@<host>:<pid>``: what ``rabbitmqctl list_connections`` shows."""
+    return f"{client_name}/{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+@contextlib.contextmanager
+def amqp_errors(
+    url: str,
+    error: type[AioQueueError] = BrokerError,
+    connection_error: type[AioQueueError] = BrokerConnectionError,
+    what: str = "broker",
+) -> Iterator[None]:
+    """Translate aio-pika / aiormq errors into ours at the seam, the URL's password masked.
+
+    aiormq cancels the futures of a channel that dies; a CancelledError that nobody asked for
+    (our task is not being cancelled) is therefore a lost connection, not a cancellation.
+    """
+    masked = mask_url(url)
+    try:
+        yield
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        _raise(connection_error, f"lost the connection to {what} at {masked}", exc)
+    except aiormq.exceptions.PublishError as exc:
+        _raise(error, f"{what} at {masked} returned the message as unroutable: {exc}", exc)
+    except aiormq.exceptions.DeliveryError as exc:
+        _raise(error, f"{what} at {masked} refused the message (nack): {exc}", exc)
+    except aiormq.exceptions.AMQPChannelError as exc:
+        _raise(error, f"{what} at {masked} failed: {exc}", exc)
+    except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+        _raise(connection_error, f"lost the connection to {what} at {masked}: {exc!r}", exc)
+    except (OSError, TimeoutError) as exc:
+        _raise(connection_error, f"cannot reach {what} at {masked}: {exc!r}", exc)
+    except RuntimeError as exc:
+        # aio-pika's word for a channel opened on a connection that is going away
+        if "closed" not in str(exc):
+            raise
+        _raise(connection_error, f"lost the connection to {what} at {masked}: {exc!r}", exc)
+
+
+def _raise(kind: type[AioQueueError], message: str, cause: BaseException) -> NoReturn:
+    raise kind(message) from cause
+
+
+async def open_connection(
+    url: str,
+    *,
+    name: str,
+    timeout: float,
+    heartbeat: float,
+    reconnect_interval: float,
+    error: type[AioQueueError] = BrokerConnectionError,
+) -> AbstractRobustConnection:
+    """A robust connection: it reconnects by itself and restores its channels and consumers.
+
+    ``heartbeat`` and ``reconnect_interval`` apply unless the URL's query sets them; amqps://
+    URLs take aio-pika's TLS query options (cafile, certfile, keyfile, no_verify_ssl).
+    """
+    parsed = URL(url)
+    query: dict[str, str] = {}
+    if "heartbeat" not in parsed.query:
+        query["heartbeat"] = str(int(heartbeat))
+    if "reconnect_interval" not in parsed.query:
+        query["reconnect_interval"] = str(reconnect_interval)
+    try:
+        return await aio_pika.connect_robust(
+            parsed.update_query(query),
+            client_properties={"connection_name": name},
+            timeout=timeout,
+        )
+    except Exception as exc:  # aio-pika raises a wide variety here; all mean "cannot connect"
+        _raise(error, f"cannot connect to {mask_url(url)}: {exc!r}", exc)
+
+
+async def close_quietly(
+    closable: AbstractRobustConnection | AbstractRobustChannel, timeout: float
+) -> None:
+    """Close, waiting at most ``timeout``: a dead peer must not hold up a shutdown."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout):
+            await closable.close()
+
+
+# -- guarding operations on a channel ------------------------------------------------------
+
+
+class _Watcher:
+    """Per aiormq channel: the tasks waiting on it, cancelled when it closes."""
+
+    __slots__ = ("__weakref__", "cancelled", "closed", "waiting")
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.closed = channel.is_closed
+        self.waiting: set[asyncio.Task[object]] = set()
+        self.cancelled: set[asyncio.Task[object]] = set()
+        if not self.closed:
+            channel.closing.add_done_callback(self._on_close)
+
+    def _on_close(self, closing: asyncio.Future[object]) -> None:
+        if not closing.cancelled():
+            closing.exception()
+        self.closed = True
+        for task in self.waiting:
+            if not task.done() and task not in self.cancelled:
+                self.cancelled.add(task)
+                task.cancel(_CLOSED)
+
+
+_watchers: weakref.WeakKeyDictionary[AbstractChannel, _Watcher] = weakref.WeakKeyDictionary()
+
+
+class guarded:
+    """Run the block's channel operation; if the channel closes meanwhile, stop waiting.
+
+    Raises ``ChannelInvalidStateError`` (a lost connection, for :func:`amqp_errors`) when the
+    channel is closed already or closes before the operation is done. A cancellation of the
+    task from elsewhere stays a cancellation.
+    """
+
+    __slots__ = ("_task", "_watcher")
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        watcher = _watchers.get(channel)
+        if watcher is None:
+            watcher = _watchers[channel] = _Watcher(channel)
+        self._watcher = watcher
+
+    def __enter__(self) -> None:
+        if self._watcher.closed:
+            raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        task = asyncio.current_task()
+        assert task is not None, "guarded() runs inside a task"
+        self._task = task
+        self._watcher.waiting.add(task)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        watcher, task = self._watcher, self._task
+        watcher.waiting.discard(task)
+        if task in watcher.cancelled:
+            watcher.cancelled.discard(task)
+            if task.uncancel() == 0 and isinstance(exc, asyncio.CancelledError):
+                raise aiormq.exceptions.ChannelInvalidStateError(_CLOSED) from exc
+
+
+async def ready_channel(channel: AbstractRobustChannel, timeout: float) -> AbstractChannel:
+    """The live underlying channel, waiting (up to ``timeout``) while the connection recovers."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError(f"channel not ready within {timeout}s")
+        async with asyncio.timeout(remaining):
+            await channel.ready()
+        with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError):
+            underlay = await channel.get_underlay_channel()
+            if not underlay.is_closed:
+                return underlay
+        # Between the socket dying and the robust connection noticing, the old channel is
+        # still the current one: wait a moment for the recovery to take over.
+        await asyncio.sleep(0.02)
+
+
+class ChannelPool:
+    """A fixed number of confirm-mode channels on one connection, used round robin.
+
+    aiormq pipelines publishes on a channel and matches confirms by delivery tag, so concurrent
+    publishers on one channel already overlap; a few channels spread the work over RabbitMQ's
+    per-channel processes. Channels are opened on first use and reopened by the robust
+    connection after a reconnect; a channel that does not come back (its restore failed, or
+    it was closed for good) is replaced by a new one.
+    """
+
+    def __init__(self, connection: AbstractRobustConnection, size: int, confirms: bool) -> None:
+        self._connection = connection
+        self._size = max(1, size)
+        self._confirms = confirms
+        self._channels: list[AbstractRobustChannel] = []
+        self._opening: asyncio.Lock = asyncio.Lock()
+        self._next = itertools.count()
+
+    async def get(self, timeout: float) -> AbstractChannel:
+        if len(self._channels) < self._size:
+            async with self._opening:
+                if len(self._channels) < self._size:
+                    channel = await self._open(timeout)
+                    self._channels.append(channel)
+                    return await ready_channel(channel, timeout)
+        index = next(self._next) % len(self._channels)
+        channel = self._channels[index]
+        try:
+            return await ready_channel(channel, timeout)
+        except TimeoutError:
+            if self._connection.is_closed or not self._connection.connected.is_set():
+                raise  # the connection is away: every channel waits for it alike
+            # The connection is up but this channel did not come back with it.
+            async with self._opening:
+                if self._channels[index] is channel:
+                    self._channels[index] = await self._open(timeout)
+                    await close_quietly(channel, timeout)
+                return await ready_channel(self._channels[index], timeout)
+
+    async def _open(self, timeout: float) -> AbstractRobustChannel:
+        channel = self._connection.channel(publisher_confirms=self._confirms)
+        try:
+            await channel.initialize(timeout=timeout)
+        except BaseException:
+            # Not kept: the robust connection must not try to restore it later.
+            await close_quietly(channel, timeout)
+            raise
+        return channel
+
+    @property
+    def open_channels(self) -> int:
+        return len(self._channels)
