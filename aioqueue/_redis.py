@@ -101,6 +101,10 @@ class Commands:
     def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> None:
         self.stack.append(("EVAL", script, numkeys, *keys_and_args))
 
+    def blmove(self, source: str, destination: str, timeout: float) -> None:
+        """Oldest of ``source`` to the head of ``destination``, waiting up to ``timeout``."""
+        self.stack.append(("BLMOVE", source, destination, "RIGHT", "LEFT", timeout))
+
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
         self.stack.append(("EVALSHA", sha, numkeys, *keys_and_args))
 

@@ -191,6 +191,7 @@ class _RedisConsumer:
         self._waiters: dict[str, asyncio.Task[bytes]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._blocking: RedisClient | None = None
+        self._blockers: dict[str, CommandBatcher] = {}
 
     async def start(self) -> None:
         await self._beat()
@@ -238,14 +239,23 @@ class _RedisConsumer:
         return self._take_buffered(max_count)
 
     async def _blmove(self, queue: str) -> bytes:
-        keys = self._keys[queue]
+        """Wait for one message on ``queue``, on a connection of this queue's own.
+
+        Blocking commands hold their connection, so each queue gets a batcher (one dedicated
+        connection) from the consumer's blocking client.
+        """
         if self._blocking is None:
             self._blocking = self.broker.new_client("blocking")
+        waiter = self._blockers.get(queue)
+        if waiter is None:
+            waiter = self._blockers[queue] = CommandBatcher(self._blocking, self.broker.errors)
+        source, destination = self._keys[queue].queue, self._processing[queue]
+
+        def stage(pipe: Commands) -> None:
+            pipe.blmove(source, destination, 1)
+
         while True:
-            with self.broker.errors():
-                body: bytes | None = await self._blocking.blmove(
-                    keys.queue, self._processing[queue], 1, "RIGHT", "LEFT"
-                )
+            body: bytes | None = await waiter.run(stage)
             if body is not None:
                 return body
 
@@ -291,15 +301,17 @@ class _RedisConsumer:
                 pipe.delete(keys.alive(self.worker_id))
 
             await self.broker.batcher.run(forget)
+        for waiter in self._blockers.values():
+            await waiter.aclose()
         if self._blocking is not None:
             await self._blocking.aclose()
 
     async def _end_waits(self) -> None:
         """End in-flight BLMOVEs by closing their connection instead of cancelling them.
 
-        Cancelling a blocked redis-py read can leave it stuck mid-cleanup; a closed socket makes
-        it fail at once. A message the server moved just before that is in our processing list,
-        and one that came back with a reply goes to the buffer: either way it is returned below.
+        A closed socket makes a blocked read fail at once, wherever it is. A message the server
+        moved just before that is in our processing list, and one that came back with a reply
+        goes to the buffer: either way it is returned below.
         """
         waiters, self._waiters = self._waiters, {}
         if not waiters:
