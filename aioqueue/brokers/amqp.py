@@ -17,20 +17,7 @@ sends share the channels and their confirms are in flight together, so a thousan
 calls cost a window of confirms, not a thousand round trips one after another. The queue is
 declared (once per process) before its first message is sent to it.
 
-Delivery contract: each worker has its own connection (named for it, see
-:func:`connection_name`) with one consuming channel. ``basic.qos`` bounds the unacked messages
-to the worker's slots, so RabbitMQ sends at most as many as the worker has free: the consumer
-starts on the first ``fetch`` with a prefetch equal to the slots that fetch asked for (all of
-them, since the worker is idle then; ``consumer(prefetch=concurrency)`` sets it up front), and if
-the worker later has more free slots than running + buffered allow, it adds a consumer whose own
-limit is the difference (per-consumer limits add up). Deliveries wait in a buffer until
-``fetch`` hands them out. Only after a reconnect can the buffer briefly hold up to one more
-prefetch window while tasks of the dead channel are still finishing.
-A message is acked only after the worker stored its outcome. If the connection drops, RabbitMQ
-puts every unacked message back; the robust connection reconnects and resumes consuming by
-itself, buffered deliveries of the dead channel are discarded, and acks for them are skipped
-(their messages come again: at-least-once). ``Delivery.attempt`` comes from the quorum queue's
-``x-delivery-count`` header (+1), else 2 for a redelivered message, else 1.
+Delivery contract (consumers, prefetch, acks): see :mod:`aioqueue.brokers.amqp_consumer`.
 
 Dead letters: bad input is published to ``p.dead`` (so into ``p.q.dead``) with the reason in the
 ``x-aioqueue-reason`` header, confirm-awaited, and only then is the original acked. A quorum
@@ -44,19 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import aiormq
-from aio_pika.abc import (
-    AbstractIncomingMessage,
-    AbstractRobustChannel,
-    AbstractRobustConnection,
-    AbstractRobustQueue,
-)
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
@@ -71,19 +52,16 @@ from .._amqp import (
 )
 from ..config import mask_url
 from ..errors import BrokerError, ConfigurationError
-from .base import Consumer, DeadLetter, Delivery
+from .amqp_consumer import _AmqpConsumer
+from .base import Consumer, DeadLetter
 
 __all__ = ["AmqpBroker", "ChannelPool", "amqp_errors", "connection_name", "open_connection"]
-
-log = logging.getLogger("aioqueue.broker.amqp")
 
 REASON_HEADER = "x-aioqueue-reason"
 QUEUE_HEADER = "x-aioqueue-queue"
 DEAD_AT_HEADER = "x-aioqueue-dead-at"
 QUEUE_TYPES = frozenset({"classic", "quorum"})
-_MAX_PREFETCH = 65535
 _PUBLISH_WINDOW = 1000
-_BURST_SETTLE = 1.0
 
 
 # -- the broker -------------------------------------------------------------------------
@@ -98,271 +76,8 @@ class _Names:
         self.dlx = f"{prefix}.dead"
 
 
-class _AmqpDelivery:
-    __slots__ = ("_channel", "_consumer", "_settled", "_tag", "attempt", "body", "queue")
-
-    def __init__(
-        self, consumer: _AmqpConsumer, queue: str, message: AbstractIncomingMessage
-    ) -> None:
-        self._consumer = consumer
-        self._channel = message.channel
-        self._tag = message.delivery_tag or 0
-        self._settled = False
-        self.queue = queue
-        self.body = message.body
-        count = message.headers.get("x-delivery-count")
-        if isinstance(count, int):
-            self.attempt = count + 1
-        else:
-            self.attempt = 2 if message.redelivered else 1
-
-    @property
-    def redelivered(self) -> bool:
-        return self.attempt > 1
-
-    @property
-    def stale(self) -> bool:
-        """Its channel died: RabbitMQ has already put the message back."""
-        return self._channel.is_closed
-
-    def _settle(self) -> bool:
-        if self._settled:
-            return False
-        self._settled = True
-        self._consumer.handed.discard(self)
-        if self._channel.is_closed:
-            log.info("%s: channel gone before settling; RabbitMQ redelivers it", self.queue)
-            return False
-        return True
-
-    async def ack(self) -> None:
-        if self._settle():
-            # basic.ack has no reply; queueing the frame (wait=False) skips a drain per ack.
-            # A frame lost with its connection means a redelivery: at-least-once either way.
-            # Guarded all the same: with its connection dead, even queueing the frame can
-            # wait forever (see aioqueue._amqp).
-            with (
-                contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError),
-                guarded(self._channel),
-            ):
-                await self._channel.basic_ack(self._tag, wait=False)
-
-    async def requeue(self) -> None:
-        if self._settle():
-            with (
-                contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError),
-                guarded(self._channel),
-            ):
-                await self._channel.basic_nack(self._tag, requeue=True)
-
-    async def dead_letter(self, reason: str) -> None:
-        if self._settled:
-            return
-        # Published and confirmed before the ack: a crash in between keeps the message (it
-        # comes again and is dead-lettered again), never loses it.
-        await self._consumer.broker.bury(self.queue, self.body, reason)
-        await self.ack()
-
-
-class _AmqpConsumer:
-    """One worker's connection, channel and consumers; deliveries wait in a bounded buffer."""
-
-    def __init__(
-        self, broker: AmqpBroker, queues: Sequence[str], worker_id: str, prefetch: int | None
-    ) -> None:
-        self.broker = broker
-        self._initial_prefetch = prefetch or 0
-        self.worker_id = worker_id
-        self.queues = tuple(queues)
-        self.handed: set[_AmqpDelivery] = set()
-        self._buffer: list[_AmqpDelivery] = []
-        self._arrived = asyncio.Event()
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None
-        self._amqp_queues: dict[str, AbstractRobustQueue] = {}
-        self._tags: dict[str, list[str]] = {}
-        self._prefetch = 0
-        self._reopens = 0  # channel reopens seen by the robust connection ...
-        self._rebuilt = 0  # ... and the number the consumers were last rebuilt for
-        # A channel-wide limit covers several classic queues at once; quorum queues refuse
-        # global QoS, so there the limit is per queue (documented on AmqpBroker).
-        self._global_qos = len(self.queues) > 1 and broker.queue_type == "classic"
-
-    @property
-    def channel(self) -> AbstractRobustChannel:
-        assert self._channel is not None, "start() the consumer first"
-        return self._channel
-
-    async def start(self) -> None:
-        broker = self.broker
-        for queue in self.queues:
-            await broker.declare(queue)
-        self._connection = await broker.connect_role(f"worker:{self.worker_id}")
-        with broker.errors():
-            self._channel = self._connection.channel(publisher_confirms=False)
-            await self._channel.initialize(timeout=broker.connect_timeout)
-            self._channel.reopen_callbacks.add(self._on_reopen)
-            for queue in self.queues:
-                names = broker.names(queue)
-                self._amqp_queues[queue] = await self._channel.declare_queue(
-                    names.queue, durable=True, arguments=broker.queue_arguments(names)
-                )
-
-    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
-        await self._ensure_prefetch(max(self._initial_prefetch, len(self.handed) + max_count))
-        out = self._take(max_count)
-        if out:
-            return out
-        if timeout <= 0:
-            return await self._fetch_ready(max_count)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while not out:
-                    await self._arrived.wait()
-                    out = self._take(max_count)
-        return out
-
-    def _take(self, max_count: int) -> list[Delivery]:
-        if any(d.stale for d in self._buffer):
-            self._buffer = [d for d in self._buffer if not d.stale]
-        taken, self._buffer = self._buffer[:max_count], self._buffer[max_count:]
-        if not self._buffer:
-            self._arrived.clear()
-        self.handed.update(taken)
-        return list(taken)
-
-    async def _fetch_ready(self, max_count: int) -> list[Delivery]:
-        """``timeout=0``: what is ready now. Deliveries are pushed, so ask the queues first.
-
-        The count comes from a short-lived channel on the client connection: a passive declare
-        of a missing queue closes its channel, and that must not be the consuming one.
-        """
-        ready = 0
-        for queue in self.queues:
-            ready += await self.broker.queue_length(queue)
-        if ready == 0:
-            return self._take(max_count)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_BURST_SETTLE):
-                await self._arrived.wait()
-        return self._take(max_count)
-
-    async def _ensure_prefetch(self, needed: int) -> None:
-        """Start consuming, or raise the limit when the worker has more free slots than it.
-
-        RabbitMQ applies a per-consumer limit to consumers started after it, and counts each
-        consumer's unacked messages on their own. So the limit grows by adding one consumer per
-        queue whose own limit is the difference: the sum stays exactly the worker's slots. A
-        channel-wide (global) limit simply changes. After a reconnect the robust channel starts
-        every consumer again with the last limit set, so the next fetch rebuilds them as one.
-        """
-        needed = min(needed, _MAX_PREFETCH)
-        if self._reopens != self._rebuilt and self._prefetch:
-            await self._rebuild_consumers()
-        if needed <= self._prefetch:
-            return
-        delta = needed - self._prefetch
-        added = False
-        try:
-            async with self._controlling():
-                if self._global_qos:
-                    await self.channel.set_qos(prefetch_count=needed, global_=True)
-                    if self._tags:
-                        self._prefetch = needed
-                        return
-                else:
-                    await self.channel.set_qos(prefetch_count=delta)
-                for queue, amqp_queue in self._amqp_queues.items():
-                    tag = await amqp_queue.consume(self._callback(queue))
-                    self._tags.setdefault(queue, []).append(tag)
-                    added = True
-        except BaseException:
-            if added:
-                # Half done: some queues have the new consumer, some not. Rebuilding makes
-                # it one consumer per queue with the whole limit.
-                self._prefetch = needed
-                self._reopens += 1
-            raise
-        self._prefetch = needed
-
-    @contextlib.asynccontextmanager
-    async def _controlling(self) -> AsyncIterator[None]:
-        """Consumer and QoS changes: on the live channel, bounded in time, failing (instead of
-        hanging) if the channel dies under them."""
-        broker = self.broker
-        with broker.errors():
-            async with asyncio.timeout(broker.connect_timeout):
-                underlay = await ready_channel(self.channel, broker.connect_timeout)
-                with guarded(underlay):
-                    yield
-
-    async def _rebuild_consumers(self) -> None:
-        """After a reconnect: one consumer per queue again, with the whole limit."""
-        reopens = self._reopens
-        async with self._controlling():
-            if self._global_qos:
-                await self.channel.set_qos(prefetch_count=self._prefetch, global_=True)
-            else:
-                for queue, tags in self._tags.items():
-                    while tags:
-                        await self._amqp_queues[queue].cancel(tags[-1])
-                        tags.pop()
-                await self.channel.set_qos(prefetch_count=self._prefetch)
-            for queue, amqp_queue in self._amqp_queues.items():
-                if not self._tags.get(queue):
-                    self._tags[queue] = [await amqp_queue.consume(self._callback(queue))]
-        self._rebuilt = reopens
-
-    def _on_reopen(self, *_: Any) -> None:
-        self._reopens += 1
-
-    def _callback(self, queue: str) -> Callable[[AbstractIncomingMessage], Any]:
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            self._buffer.append(_AmqpDelivery(self, queue, message))
-            self._arrived.set()
-
-        return on_message
-
-    async def close(self) -> None:
-        """Cancel the consumers, give back everything unsettled, close the connection.
-
-        Bounded in time: with RabbitMQ away there is nothing to give back (it requeued the
-        unacked messages when the connection died), and waiting for it would hold up the
-        worker's shutdown.
-        """
-        if self._connection is None:
-            return
-        connection, self._connection = self._connection, None
-        timeout = self.broker.connect_timeout
-        try:
-            if connection.connected.is_set():
-                async with asyncio.timeout(timeout):
-                    await self._give_back()
-        except Exception as exc:
-            log.info("giving back unsettled deliveries failed (%r); RabbitMQ requeues them", exc)
-        finally:
-            self._buffer.clear()
-            await close_quietly(connection, timeout)
-
-    async def _give_back(self) -> None:
-        channel = self._channel
-        if channel is None or channel.is_closed:
-            return
-        with contextlib.suppress(Exception):
-            async with self._controlling():
-                for queue, tags in self._tags.items():
-                    for tag in tags:
-                        await self._amqp_queues[queue].cancel(tag)
-        unsettled = [d for d in (*self._buffer, *self.handed) if not d.stale]
-        self._buffer.clear()
-        for delivery in sorted(unsettled, key=lambda d: d._tag):
-            await delivery.requeue()
-        # Closing waits for close-ok: the requeues above are done before anyone looks again.
-        await close_quietly(channel, self.broker.connect_timeout)
-
-
 class AmqpBroker:
-    """Task queues on RabbitMQ; see the module docstring for names and the delivery contract.
+    """Task queues on RabbitMQ; see the module docstring for names, amqp_consumer's for delivery.
 
     With several *quorum* queues consumed by one worker, the prefetch bound applies per queue
     (RabbitMQ has no channel-wide QoS for quorum queues); with classic queues it is channel-wide.
