@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 Row = dict[str, Any]
+QUIET = ("skipped in quick mode", "floor: no task code", "needs two drained")
 
 
 def med(cell: Any) -> float | None:
@@ -52,8 +53,11 @@ def is_peer(c: Row) -> bool:
 
 
 def best(rows: list[Row], key: str, transport: str, pick: Any, want: Any) -> float | None:
-    vals = [med(r.get("results", {}).get(key)) for r in rows
-            if r["spec"]["transport"] == transport and pick(r)]
+    vals = [
+        med(r.get("results", {}).get(key))
+        for r in rows
+        if r["spec"]["transport"] == transport and pick(r)
+    ]
     clean = [v for v in vals if v is not None]
     return want(clean) if clean else None
 
@@ -67,6 +71,8 @@ def ratio(v: float | None, ref: float | None) -> float | None:
 def version_of(c: Row) -> str:
     vers = c.get("describe", {}).get("versions", {})
     name = c["spec"]["label"].split()[0]
+    if c["spec"]["floor"]:
+        name = "aio-pika" if c["spec"]["transport"] == "amqp" else "redis"
     return str(vers.get(name, next(iter(vers.values()), "?")))[:12] if vers else "?"
 
 
@@ -81,14 +87,21 @@ def cell(c: Row, key: str) -> str:
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w)
-                     for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    line = "  ".join(
+        h.ljust(w) if i < 2 else h.rjust(w)
+        for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+    )
     out = [line, "-" * len(line)]
     for r in rows:
-        out.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w)
-                             for i, (v, w) in enumerate(zip(r, widths, strict=True))))
+        out.append(
+            "  ".join(
+                v.ljust(w) if i < 2 else v.rjust(w)
+                for i, (v, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
     return "\n".join(out)
 
 
@@ -103,8 +116,9 @@ def throughput_rows(rows: list[Row]) -> list[list[str]]:
             line.append(cell(c, key))
             if key != "enqueue_batch":
                 line.append(fmt_ratio(ratio(v, best(rows, key, t, is_peer, max))))
-                line.append(fmt_ratio(ratio(v, best(rows, key, t, lambda r: r["spec"]["floor"],
-                                                    max))))
+                line.append(
+                    fmt_ratio(ratio(v, best(rows, key, t, lambda r: r["spec"]["floor"], max)))
+                )
         line.append(cell(c, "peak_rss"))
         out.append(line)
     return out
@@ -122,8 +136,7 @@ def latency_rows(rows: list[Row]) -> list[list[str]]:
             line.append(cell(c, key))
             line.append(fmt_num(med(p99)) if p99 else "-")
             line.append(fmt_ratio(ratio(v, best(rows, key, t, is_peer, min))))
-            line.append(fmt_ratio(ratio(v, best(rows, key, t, lambda r: r["spec"]["floor"],
-                                                min))))
+            line.append(fmt_ratio(ratio(v, best(rows, key, t, lambda r: r["spec"]["floor"], min))))
         fan = res.get("fanin")
         line.append(str(fan.get("connections", "-")) if isinstance(fan, dict) else "-")
         out.append(line)
@@ -134,14 +147,20 @@ def other_rows(rows: list[Row]) -> list[list[str]]:
     out = []
     for c in rows:
         res = c.get("results", {})
-        line = [c["spec"]["label"], c["spec"]["transport"], cell(c, "sync_cpu"),
-                cell(c, "sync_block")]
+        line = [
+            c["spec"]["label"],
+            c["spec"]["transport"],
+            cell(c, "sync_cpu"),
+            cell(c, "sync_block"),
+        ]
         sc = res.get("scaling") or {}
         for k in ("1", "2", "4"):
             line.append(fmt_num(sc.get(k)) if isinstance(sc.get(k), int | float) else "-")
         leak = res.get("leak")
         if isinstance(leak, dict) and "growth" in leak:
-            line.append(f"{leak['growth']:+.1f} ({leak['tasks'] // 1000}k)")
+            line.append(
+                f"{leak['growth']:+.1f} ({leak['from_tasks'] // 1000}k-{leak['tasks'] // 1000}k)"
+            )
         else:
             line.append("-")
         out.append(line)
@@ -156,7 +175,7 @@ def notes(rows: list[Row]) -> list[str]:
             out.append(f"{name}: {c.get('status')}: {c.get('error')}")
             continue
         for key, res in c.get("results", {}).items():
-            if isinstance(res, dict) and "na" in res and "quick" not in res["na"]:
+            if isinstance(res, dict) and "na" in res and not res["na"].startswith(QUIET):
                 out.append(f"{name} {key}: n/a - {res['na']}")
             elif isinstance(res, dict) and "error" in res:
                 out.append(f"{name} {key}: ERROR - {res['error']}")
@@ -170,23 +189,70 @@ def notes(rows: list[Row]) -> list[str]:
 def render(data: dict[str, Any]) -> str:
     rows = list(data["contestants"].values())
     m = data["meta"]
-    head = (f"aioqueue benchmarks - {m['mode']} mode, {m['date']}, {m['machine']['cpus']} cores, "
-            f"Python {m['machine']['python']}, Redis {m['servers'].get('redis')}, "
-            f"RabbitMQ {m['servers'].get('rabbitmq')}; n={m['plan']['n']}, "
-            f"reps<={m['plan']['reps']}; median of reps")
+    head = (
+        f"aioqueue benchmarks - {m['mode']} mode, {m['date']}, {m['machine']['cpus']} cores, "
+        f"Python {m['machine']['python']}, Redis {m['servers'].get('redis')}, "
+        f"RabbitMQ {m['servers'].get('rabbitmq')}; n={m['plan']['n']}, "
+        f"reps<={m['plan']['reps']}; median of reps"
+    )
     t1 = render_table(
-        ["contestant", "transport", "version", "enqueue/s", "/peer", "/floor", "batch/s",
-         "drain/s", "/peer", "/floor", "peakRSS MB"], throughput_rows(rows))
+        [
+            "contestant",
+            "transport",
+            "version",
+            "enqueue/s",
+            "/peer",
+            "/floor",
+            "batch/s",
+            "drain/s",
+            "/peer",
+            "/floor",
+            "peakRSS MB",
+        ],
+        throughput_rows(rows),
+    )
     t2 = render_table(
-        ["contestant", "transport", "rt p50 ms", "p99", "/peer", "/floor", "fan-in p50 ms",
-         "p99", "/peer", "/floor", "conns"], latency_rows(rows))
+        [
+            "contestant",
+            "transport",
+            "rt p50 ms",
+            "p99",
+            "/peer",
+            "/floor",
+            "fan-in p50 ms",
+            "p99",
+            "/peer",
+            "/floor",
+            "conns",
+        ],
+        latency_rows(rows),
+    )
     t3 = render_table(
-        ["contestant", "transport", "cpu s", "block s", "1 proc/s", "2 procs/s", "4 procs/s",
-         "leak MB"], other_rows(rows))
-    parts = [head, "", "Throughput (tasks/s, higher is better)", t1, "",
-             "Latency (ms, lower is better; conns = client's broker/backend TCP connections)",
-             t2, "", "Sync work (seconds to drain, lower is better), scaling (10-90% window) "
-             "and leak (RSS growth after the first 10k tasks)", t3]
+        [
+            "contestant",
+            "transport",
+            "cpu s",
+            "block s",
+            "1 proc/s",
+            "2 procs/s",
+            "4 procs/s",
+            "leak MB",
+        ],
+        other_rows(rows),
+    )
+    parts = [
+        head,
+        "",
+        "Throughput (tasks/s, higher is better)",
+        t1,
+        "",
+        "Latency (ms, lower is better; conns = client's broker/backend TCP connections)",
+        t2,
+        "",
+        "Sync work (seconds to drain n tasks, lower is better), scaling (tasks/s, 10-90% "
+        "window) and leak (worker RSS growth from its first chunk of tasks to its last)",
+        t3,
+    ]
     nts = notes(rows)
     if nts:
         parts += ["", "Notes:", *(f"  - {n}" for n in nts)]
@@ -203,9 +269,11 @@ def write_outputs(data: dict[str, Any], results: Path) -> None:
     mode = data["meta"]["mode"]
     (results / f"{stamp}-{mode}.json").write_text(blob)
     (results / "latest.json").write_text(blob)
+    (results / f"latest-{mode}.json").write_text(blob)
     (results / f"latest-{mode}.txt").write_text(text + "\n")
     try:
         chart(data, results / "chart.png")
+        chart(data, results / f"chart-{mode}.png")
         print(f"\nwrote {results}/latest.json, {stamp}-{mode}.json, chart.png")
     except Exception as exc:  # the chart is a convenience; never fail the run on it
         print(f"\nchart failed: {exc}")
@@ -219,28 +287,43 @@ def chart(data: dict[str, Any], path: Path) -> None:
 
     rows = [c for c in data["contestants"].values() if c.get("status") == "ok"]
     labels = [f"{c['spec']['label']}\n({c['spec']['transport']})" for c in rows]
-    colors = ["#888888" if c["spec"]["floor"] else
-              "#d62728" if c["spec"]["id"].startswith("aioqueue") else
-              "#1f77b4" for c in rows]
-    panels = [("drain", "drain, tasks/s (higher is better)"),
-              ("enqueue", "enqueue one-by-one, tasks/s (higher is better)"),
-              ("roundtrip", "round trip p50, ms (lower is better)"),
-              ("fanin", "fan-in p50, ms (lower is better)")]
+    colors = [
+        "#888888"
+        if c["spec"]["floor"]
+        else "#d62728"
+        if c["spec"]["id"].startswith("aioqueue")
+        else "#1f77b4"
+        for c in rows
+    ]
+    panels = [
+        ("drain", "drain, tasks/s (higher is better)"),
+        ("enqueue", "enqueue one-by-one, tasks/s (higher is better)"),
+        ("roundtrip", "round trip p50, ms (lower is better)"),
+        ("fanin", "fan-in p50, ms (lower is better)"),
+    ]
     fig, axes = plt.subplots(2, 2, figsize=(16, 10))
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
         vals = [med(c.get("results", {}).get(key)) or 0.0 for c in rows]
-        ax.barh(range(len(rows)), vals, color=colors)
+        log = key in ("roundtrip", "fanin")
+        ax.barh(
+            range(len(rows)),
+            [v - 0.1 if log and v else v for v in vals],
+            color=colors,
+            left=0.1 if log else 0,
+        )
         ax.set_yticks(range(len(rows)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
         if key in ("roundtrip", "fanin") and any(v > 0 for v in vals):
-            ax.set_xscale("log")
+            ax.set_xscale("log")  # bars start at 0.1 ms so lengths compare on the log axis
+            ax.set_xlim(left=0.1, right=max(vals) * 3)
         for i, v in enumerate(vals):
             if v:
                 ax.text(v, i, f" {fmt_num(v)}", va="center", fontsize=7)
     m = data["meta"]
-    fig.suptitle(f"aioqueue benchmarks ({m['mode']}, {m['date']}); grey = floor, red = aioqueue",
-                 fontsize=11)
+    fig.suptitle(
+        f"aioqueue benchmarks ({m['mode']}, {m['date']}); grey = floor, red = aioqueue", fontsize=11
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

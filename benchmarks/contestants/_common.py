@@ -16,6 +16,7 @@ Environment shared by driver and workers (set by ``run.py``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -183,10 +184,8 @@ async def delete_amqp_queues(names: Sequence[str]) -> None:
     try:
         for name in names:
             ch = await conn.channel()
-            try:
+            with contextlib.suppress(Exception):  # may not exist; a failed op closes the channel
                 await ch.queue_delete(name)
-            except Exception:  # the queue may not exist; a failed op closes the channel
-                pass
     finally:
         await conn.close()
 
@@ -198,10 +197,8 @@ async def delete_amqp_exchanges(names: Sequence[str]) -> None:
     try:
         for name in names:
             ch = await conn.channel()
-            try:
+            with contextlib.suppress(Exception):  # may not exist; a failed op closes the channel
                 await ch.exchange_delete(name)
-            except Exception:
-                pass
     finally:
         await conn.close()
 
@@ -213,11 +210,9 @@ async def purge_amqp_queues(names: Sequence[str]) -> None:
     try:
         for name in names:
             ch = await conn.channel()
-            try:
+            with contextlib.suppress(Exception):
                 q = await ch.declare_queue(name, passive=True)
                 await q.purge()
-            except Exception:
-                pass
     finally:
         await conn.close()
 

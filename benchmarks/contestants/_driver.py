@@ -33,6 +33,8 @@ from _common import REDIS_URL, Contestant, Unsupported
 
 SWEEP_WINDOW = 500
 IDLE_POLL_S = 0.005
+STALL_S = 8.0  # a drain that made progress and then none for this long is reported as is
+SYNC_CLIENT_THREADS = 64  # threads for sync clients' blocking waits (redis-py 8 pools cap at 100)
 PREFILL_CONCURRENCY = 64
 MISSING_LUA = """
 local missing = {}
@@ -147,11 +149,13 @@ class Driver:
 
     async def _sweep_keys(self, handles: list[Any], deadline: float) -> list[tuple[float, int]]:
         """Which result keys exist, oldest first, SWEEP_WINDOW keys per Lua call (one command,
-        so the sweep costs the client little CPU next to the worker it measures)."""
+        so the sweep costs the client little CPU next to the worker it measures). A window with
+        nothing finished goes to the back, so out-of-order completion is still seen."""
         import redis.asyncio as aioredis
 
         remaining = collections.deque(self.c.result_key(h) for h in handles)
         done = 0
+        zero_windows = 0
         progress: list[tuple[float, int]] = []
         client = aioredis.Redis.from_url(REDIS_URL)
         missing_of = client.register_script(MISSING_LUA)
@@ -162,11 +166,22 @@ class Driver:
                 now = time.monotonic()
                 missing = [window[int(i) - 1] for i in idx]
                 got = len(window) - len(missing)
-                remaining.extendleft(reversed(missing))
+                if got:
+                    zero_windows = 0
+                    remaining.extendleft(reversed(missing))  # keep the oldest at the front
+                else:
+                    zero_windows += 1
+                    remaining.extend(missing)  # nothing here yet: look further along next time
                 if got:
                     done += got
                     progress.append((now, done))
-                if missing:
+                elif progress and now - progress[-1][0] > STALL_S:
+                    break  # started, then nothing finished for STALL_S: report what we have
+                # sleep when the oldest window is waiting on stragglers, or when a whole cycle
+                # over the remaining keys found nothing; otherwise look at the next window now
+                cycled = zero_windows * SWEEP_WINDOW >= len(remaining)
+                if (got and missing) or (not got and cycled):
+                    zero_windows = 0 if cycled else zero_windows
                     await asyncio.sleep(IDLE_POLL_S)
         finally:
             await client.aclose() if hasattr(client, "aclose") else await client.close()
@@ -182,7 +197,7 @@ class Driver:
             if done > last:
                 progress.append((now, done))
                 last = done
-            if done >= n:
+            if done >= n or (progress and now - progress[-1][0] > STALL_S):
                 break
             await asyncio.sleep(IDLE_POLL_S)
         return progress
@@ -197,7 +212,12 @@ class Driver:
                 break
             t0 = time.perf_counter()
             h = await self.c.send()
-            await self.c.wait(h, left)
+            try:
+                await self.c.wait(h, left)
+            except Exception:
+                if time.monotonic() >= deadline:  # the time cap fell inside this round trip
+                    break
+                raise
             lat.append(time.perf_counter() - t0)
         return {"n": len(lat), "partial": len(lat) < n, **latency_stats(lat)}
 
@@ -256,7 +276,9 @@ async def serve(driver: Driver, proto: Any) -> None:
 
 async def amain(module: str, transport: str, proto: Any) -> None:
     if module_uses_threads(module):
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=256))
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=SYNC_CLIENT_THREADS)
+        )
     mod = importlib.import_module(module)
     contestant: Contestant = mod.make(transport)
     try:

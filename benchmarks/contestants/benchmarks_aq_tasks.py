@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from _common import AMQP_URL, REDIS_URL, RESULT_TTL, TRANSPORT, queue_name, sleep_ms, spin_ms
+
 from aioqueue import App
 
 QUEUE = queue_name("aq") if TRANSPORT == "amqp" else "bench"

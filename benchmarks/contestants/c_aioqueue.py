@@ -11,7 +11,13 @@ import os
 from typing import Any, ClassVar
 
 from _common import (
-    PY, TRANSPORT, Contestant, Unsupported, delete_amqp_queues, purge_amqp_queues,
+    PY,
+    TRANSPORT,
+    Contestant,
+    Unsupported,
+    delete_amqp_exchanges,
+    delete_amqp_queues,
+    purge_amqp_queues,
 )
 
 CONCURRENCY = 200
@@ -20,8 +26,15 @@ BATCH = 100
 
 class AioQueue(Contestant):
     name: ClassVar[str] = "aioqueue"
-    dists: ClassVar[tuple[str, ...]] = ("aioqueue", "redis", "hiredis", "aio-pika", "orjson",
-                                        "anyio", "uvloop")
+    dists: ClassVar[tuple[str, ...]] = (
+        "aioqueue",
+        "redis",
+        "hiredis",
+        "aio-pika",
+        "orjson",
+        "anyio",
+        "uvloop",
+    )
     batch_size: ClassVar[int | None] = BATCH
 
     def __init__(self, transport: str) -> None:
@@ -48,8 +61,9 @@ class AioQueue(Contestant):
             await self.app.connect()
             await self.app.ready_broker()
         except Exception as exc:
-            raise Unsupported(f"aioqueue cannot use {TRANSPORT}: {type(exc).__name__}: "
-                              f"{exc}") from exc
+            raise Unsupported(
+                f"aioqueue cannot use {TRANSPORT}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def stop(self) -> None:
         await self.app.close()
@@ -70,20 +84,37 @@ class AioQueue(Contestant):
 
     def worker_argv(self, kind: str) -> tuple[list[str], dict[str, str]]:
         here = os.path.dirname(os.path.abspath(__file__))
-        argv = [PY, os.path.join(here, "aq_worker.py"), "worker", "benchmarks_aq_tasks:app",
-                "--concurrency", str(CONCURRENCY), "--processes", "2", "--threads", "50",
-                "--loglevel", "warning"]
+        argv = [
+            PY,
+            os.path.join(here, "aq_worker.py"),
+            "worker",
+            "benchmarks_aq_tasks:app",
+            "--concurrency",
+            str(CONCURRENCY),
+            "--processes",
+            "2",
+            "--threads",
+            "50",
+            "--loglevel",
+            "warning",
+        ]
         return argv, {"BENCH_KIND": kind}
+
+    def amqp_queues(self) -> list[str]:
+        # aioqueue's AMQP names: <key_prefix>.<queue> and its dead-letter queue <...>.dead
+        q = f"aqbench.{self.tasks.QUEUE}"
+        return [q, f"{q}.dead"]
 
     async def purge(self) -> None:
         await super().purge()
         if self.transport == "amqp":
-            await purge_amqp_queues([self.tasks.QUEUE])
+            await purge_amqp_queues(self.amqp_queues())
 
     async def cleanup(self) -> None:
         await super().cleanup()
         if self.transport == "amqp":
-            await delete_amqp_queues([self.tasks.QUEUE])
+            await delete_amqp_queues(self.amqp_queues())
+            await delete_amqp_exchanges(["aqbench.dead"])
 
 
 def make(transport: str) -> Contestant:

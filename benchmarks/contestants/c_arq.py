@@ -13,7 +13,7 @@ import os
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, ClassVar
 
-from _common import (RESULT_TTL, Contestant, sleep_ms, spin_ms, use_uvloop, venv_bin)
+from _common import RESULT_TTL, Contestant, sleep_ms, spin_ms, use_uvloop, venv_bin
 from arq import create_pool
 from arq.connections import RedisSettings
 from arq.jobs import Job

@@ -3,7 +3,7 @@
 Worker: ``celery -A c_celery worker -P <pool> -c <n> --without-gossip --without-mingle
 --without-heartbeat`` with remote control off. Pools: see POOLS (noop: the fastest measured
 here, see SETTINGS.md; cpu: prefork -c 2; block: threads -c 50). The client is sync: called on
-the loop for sequential sends, from threads (up to 256) for fan-in; AsyncResult.get() waits on
+the loop for sequential sends, from threads (up to 64) for fan-in; AsyncResult.get() waits on
 the Redis backend's pub/sub. No batch enqueue (group() publishes one message per task).
 """
 
@@ -13,19 +13,28 @@ import os
 from typing import Any, ClassVar
 
 from _common import (
-    AMQP_URL, REDIS_URL, RESULT_TTL, TRANSPORT, Contestant, delete_amqp_exchanges,
+    AMQP_URL,
+    REDIS_URL,
+    RESULT_TTL,
+    TRANSPORT,
+    Contestant,
+    delete_amqp_exchanges,
     delete_amqp_queues,
-    purge_amqp_queues, queue_name, run_sync, sleep_ms, spin_ms, venv_bin,
+    purge_amqp_queues,
+    queue_name,
+    run_sync,
+    sleep_ms,
+    spin_ms,
+    venv_bin,
 )
 from celery import Celery
 
 QUEUE = queue_name("celery") if TRANSPORT == "amqp" else "bench"
-NOOP_POOL = os.environ.get("BENCH_CELERY_POOL", "threads:8")
+NOOP_POOL = os.environ.get("BENCH_CELERY_POOL", "solo:1")
 POOLS = {"noop": NOOP_POOL, "cpu": "prefork:2", "block": "threads:50"}
 PREFETCH = 64
 
-app = Celery("c_celery", broker=AMQP_URL if TRANSPORT == "amqp" else REDIS_URL,
-             backend=REDIS_URL)
+app = Celery("c_celery", broker=AMQP_URL if TRANSPORT == "amqp" else REDIS_URL, backend=REDIS_URL)
 app.conf.update(
     task_default_queue=QUEUE,
     task_serializer="json",
@@ -90,9 +99,23 @@ class CeleryContestant(Contestant):
 
     def worker_argv(self, kind: str) -> tuple[list[str], dict[str, str]]:
         pool, conc = POOLS[kind].split(":")
-        argv = [venv_bin("celery"), "-A", "c_celery", "worker", "-P", pool, "-c", conc,
-                "--without-gossip", "--without-mingle", "--without-heartbeat",
-                "-l", "WARNING", "-Q", QUEUE]
+        argv = [
+            venv_bin("celery"),
+            "-A",
+            "c_celery",
+            "worker",
+            "-P",
+            pool,
+            "-c",
+            conc,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "WARNING",
+            "-Q",
+            QUEUE,
+        ]
         return argv, {"BENCH_KIND": kind}
 
     async def purge(self) -> None:

@@ -2,7 +2,7 @@
 
 Worker: ``dramatiq c_dramatiq --processes 1 --threads 8`` (defaults: threads 8, prefetch
 threads*2). Actors are plain functions (dramatiq's model: worker threads); the client is sync,
-so the driver calls it directly for sequential sends and from threads (up to 256) for fan-in.
+so the driver calls it directly for sequential sends and from threads (up to 64) for fan-in.
 Results: RedisBackend.get_result(block=True) blocks on BRPOPLPUSH (no polling). No batch
 enqueue (group() sends one message at a time).
 """
@@ -14,8 +14,18 @@ from typing import Any, ClassVar
 
 import dramatiq
 from _common import (
-    AMQP_URL, REDIS_URL, RESULT_TTL, TRANSPORT, Contestant, delete_amqp_queues,
-    purge_amqp_queues, queue_name, run_sync, sleep_ms, spin_ms, venv_bin,
+    AMQP_URL,
+    REDIS_URL,
+    RESULT_TTL,
+    TRANSPORT,
+    Contestant,
+    delete_amqp_queues,
+    purge_amqp_queues,
+    queue_name,
+    run_sync,
+    sleep_ms,
+    spin_ms,
+    venv_bin,
 )
 from dramatiq.results import Results
 from dramatiq.results.backends.redis import RedisBackend
@@ -62,7 +72,8 @@ class Dramatiq(Contestant):
     def __init__(self, transport: str) -> None:
         super().__init__(transport)
         self.settings = {
-            "broker": "RedisBroker" if transport == "redis"
+            "broker": "RedisBroker"
+            if transport == "redis"
             else "RabbitmqBroker (confirm_delivery=False, default)",
             "backend": f"Results(RedisBackend, result_ttl={RESULT_TTL}s)",
             "worker": f"dramatiq c_dramatiq --processes 1 --threads {THREADS} (prefetch "
@@ -80,15 +91,23 @@ class Dramatiq(Contestant):
         return (cpu if kind == "cpu" else block).send(ms)
 
     async def wait(self, handle: Any, timeout: float) -> None:
-        await run_sync(lambda: handle.get_result(block=True, timeout=int(timeout * 1000)))
+        # RedisBackend rounds the timeout down to whole seconds (0 = do not block at all)
+        ms = max(1000, int(timeout * 1000))
+        await run_sync(lambda: handle.get_result(block=True, timeout=ms))
 
     def result_key(self, handle: Any) -> str | None:
         return str(backend.build_message_key(handle))
 
     def worker_argv(self, kind: str) -> tuple[list[str], dict[str, str]]:
         procs, threads = {"cpu": (2, 1), "block": (1, 50)}.get(kind, (1, THREADS))
-        argv = [venv_bin("dramatiq"), "c_dramatiq", "--processes", str(procs), "--threads",
-                str(threads)]
+        argv = [
+            venv_bin("dramatiq"),
+            "c_dramatiq",
+            "--processes",
+            str(procs),
+            "--threads",
+            str(threads),
+        ]
         return argv, {"BENCH_KIND": kind}
 
     async def purge(self) -> None:

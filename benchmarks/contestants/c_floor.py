@@ -39,13 +39,15 @@ class Floor(Contestant):
         self.settings = {
             "variant": VARIANT,
             "client": "redis.asyncio (hiredis), BlockingConnectionPool(64), uvloop"
-            if transport == "redis" else
-            "aio-pika, publisher confirms, persistent messages, uvloop",
-            "worker": "floor_worker.py: 200 coroutines one-by-one, or 2 loops x 100 per round "
-            "trip" if transport == "redis" else "aio-pika consume, manual ack, prefetch 100",
+            if transport == "redis"
+            else "aio-pika, publisher confirms, persistent messages, uvloop",
+            "worker": "floor_worker.py: 200 coroutines one-by-one, or 2 loops x 100 per round trip"
+            if transport == "redis"
+            else "aio-pika consume, manual ack, prefetch 100",
             "result": f"SET floor:res:<id> EX {RESULT_TTL} + PUBLISH to the client's channel",
             "reliable_fetch": "LMOVE/BLMOVE into a per-worker processing list, LREM on ack"
-            if transport == "redis" else "manual ack after the result is stored",
+            if transport == "redis"
+            else "manual ack after the result is stored",
         }
 
     async def start(self) -> None:
@@ -121,8 +123,16 @@ class Floor(Contestant):
         return f"floor:res:{handle}"
 
     def worker_argv(self, kind: str) -> tuple[list[str], dict[str, str]]:
-        argv = [PY, os.path.join(HERE, "floor_worker.py"), "--transport", self.transport,
-                "--mode", VARIANT, "--queue", self.queue]
+        argv = [
+            PY,
+            os.path.join(HERE, "floor_worker.py"),
+            "--transport",
+            self.transport,
+            "--mode",
+            VARIANT,
+            "--queue",
+            self.queue,
+        ]
         return argv, {}
 
     async def purge(self) -> None:

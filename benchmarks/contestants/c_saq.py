@@ -9,10 +9,11 @@ ThreadPoolExecutor() (default size min(32, cpus+4) = 6 here; not configurable).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, ClassVar
 
-from _common import REDIS_URL, Contestant, sleep_ms, use_uvloop, venv_bin
 import redis.asyncio as aioredis
+from _common import REDIS_URL, Contestant, sleep_ms, use_uvloop, venv_bin
 from saq.queue.redis import RedisQueue
 
 LOOP = use_uvloop()
@@ -77,10 +78,8 @@ class Saq(Contestant):
         # in between is lost and the call hangs until t. Re-check every RECHECK seconds.
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await handle.refresh(until_complete=RECHECK)
-            except TimeoutError:
-                pass
             if handle.completed or asyncio.get_running_loop().time() > deadline:
                 return
 

@@ -11,9 +11,18 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from _common import (
-    AMQP_URL, REDIS_URL, RESULT_TTL, TRANSPORT, Contestant, delete_amqp_exchanges,
+    AMQP_URL,
+    REDIS_URL,
+    RESULT_TTL,
+    TRANSPORT,
+    Contestant,
+    delete_amqp_exchanges,
     delete_amqp_queues,
-    purge_amqp_queues, queue_name, sleep_ms, spin_ms, venv_bin,
+    purge_amqp_queues,
+    queue_name,
+    sleep_ms,
+    spin_ms,
+    venv_bin,
 )
 from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
@@ -57,14 +66,21 @@ def block(ms: float) -> None:
 
 class Taskiq(Contestant):
     name: ClassVar[str] = "taskiq"
-    dists: ClassVar[tuple[str, ...]] = ("taskiq", "taskiq-redis", "taskiq-aio-pika", "redis",
-                                        "aio-pika", "uvloop")
+    dists: ClassVar[tuple[str, ...]] = (
+        "taskiq",
+        "taskiq-redis",
+        "taskiq-aio-pika",
+        "redis",
+        "aio-pika",
+        "uvloop",
+    )
     unsupported: ClassVar[dict[str, str]] = {"enqueue_batch": "no batch enqueue API"}
 
     def __init__(self, transport: str) -> None:
         super().__init__(transport)
         self.settings = {
-            "broker": "RedisStreamBroker(xread_count=100 default)" if transport == "redis"
+            "broker": "RedisStreamBroker(xread_count=100 default)"
+            if transport == "redis"
             else f"AioPikaBroker(qos={QOS}; default quorum queue, topic exchange)",
             "backend": f"RedisAsyncResultBackend(result_ex_time={RESULT_TTL})",
             "worker": f"taskiq worker --workers 1 --max-async-tasks {CONCURRENCY} --no-parse "
@@ -94,8 +110,18 @@ class Taskiq(Contestant):
         return str(handle.task_id)
 
     def worker_argv(self, kind: str) -> tuple[list[str], dict[str, str]]:
-        argv = [venv_bin("taskiq"), "worker", "c_taskiq:broker", "--workers", "1",
-                "--max-async-tasks", str(CONCURRENCY), "--no-parse", "--log-level", "WARNING"]
+        argv = [
+            venv_bin("taskiq"),
+            "worker",
+            "c_taskiq:broker",
+            "--workers",
+            "1",
+            "--max-async-tasks",
+            str(CONCURRENCY),
+            "--no-parse",
+            "--log-level",
+            "WARNING",
+        ]
         if kind == "cpu":
             argv += ["--use-process-pool", "--max-process-pool-processes", "2"]
         elif kind == "block":
