@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
-from .errors import AioQueueError
+from .errors import AioQueueError, ConfigurationError
 from .loader import load_app
 
 __all__ = ["main"]
@@ -47,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     worker.add_argument(
         "-l", "--loglevel", default="info", help="debug, info, warning or error (default info)"
+    )
+    worker.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: uvloop when installed (auto), or force one",
     )
 
     conf = commands.add_parser("conf", help="print an app's configuration, secrets masked")
@@ -96,6 +103,20 @@ async def _run_worker(args: argparse.Namespace) -> int:
     return 0 if signals_seen < 2 else 1
 
 
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when asked for or, with ``auto``, when it is installed."""
+    if choice == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigurationError("--loop uvloop: uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "conf":
@@ -103,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _configure_logging(args.loglevel)
     try:
-        code = asyncio.run(_run_worker(args))
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            code = runner.run(_run_worker(args))
     except AioQueueError as exc:
         log.error("%s", exc)
         return 2
