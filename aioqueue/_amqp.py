@@ -263,7 +263,3 @@ class ChannelPool:
             await close_quietly(channel, timeout)
             raise
         return channel
-
-    @property
-    def open_channels(self) -> int:
-        return len(self._channels)

@@ -99,7 +99,6 @@ class Task(Generic[P, R]):
         self.name = name
         self.queue = queue
         self.executor: Executor = executor if not is_async else "async"
-        self.is_async = is_async
         self.result_ttl = result_ttl
         self.track_started = track_started
         self.signature = _signature(fn)

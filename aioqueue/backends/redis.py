@@ -27,7 +27,7 @@ from collections import OrderedDict
 from functools import partial
 from typing import Any, cast
 
-from .._redis import CommandBatcher, connect_redis, redis_errors_as
+from .._redis import CommandBatcher, Commands, connect_redis, redis_errors_as
 from ..config import mask_url
 from ..errors import ResultBackendError, ResultTimeout
 
@@ -239,7 +239,7 @@ class RedisBackend:
         return (listener.epoch, listener.evictions)
 
     def stage_store(
-        self, pipe: Any, task_id: str, outcome: bytes, ttl: float, reply_to: str | None
+        self, pipe: Commands, task_id: str, outcome: bytes, ttl: float, reply_to: str | None
     ) -> None:
         """Add a final store and its wake-ups to a pipeline (lets a broker ack in the same trip)."""
         pipe.set(self._result_key(task_id), outcome, px=max(1, int(ttl * 1000)))
@@ -277,7 +277,7 @@ class RedisBackend:
     ) -> None:
         key, px = self._state_key(task_id), max(1, int(ttl * 1000))
 
-        def stage(pipe: Any) -> None:
+        def stage(pipe: Commands) -> None:
             pipe.set(key, outcome, px=px)
 
         await self.batcher.run(stage)

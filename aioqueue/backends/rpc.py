@@ -35,7 +35,7 @@ import time
 import uuid
 from collections import OrderedDict
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pamqp.commands import Basic
 
 from .._amqp import (
@@ -126,7 +126,6 @@ class RpcBackend:
         self._client_name = client_name
         self._connection: AbstractRobustConnection | None = None
         self._pool: ChannelPool | None = None
-        self._listen_channel: AbstractRobustChannel | None = None
         self._reply_queue: str | None = None
         self._epoch = 0
         self._lock: asyncio.Lock | None = None
@@ -174,7 +173,6 @@ class RpcBackend:
                 # and the consumer restored, so reply_to addresses stay valid.
                 queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
                 await queue.consume(self._on_reply, no_ack=True)
-            self._listen_channel = channel
             self._reply_queue = name
             self._epoch += 1
 
@@ -270,7 +268,6 @@ class RpcBackend:
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         self._pool = None
-        self._listen_channel = None
         self._reply_queue = None
         for waiter in self._waiters.values():
             if not waiter.done():

@@ -168,7 +168,7 @@ class _RedisDelivery:
         keys = self._consumer.broker.keys(self.queue)
         processing, body = self._processing, self.body
 
-        def stage(pipe: Any) -> None:
+        def stage(pipe: Commands) -> None:
             pipe.lrem(processing, -1, body)
             pipe.rpush(keys.queue, body)
 
@@ -262,7 +262,7 @@ class _RedisConsumer:
     async def _beat(self) -> None:
         ttl_ms = int(self.broker.heartbeat_ttl * 1000)
 
-        def stage(pipe: Any) -> None:
+        def stage(pipe: Commands) -> None:
             for keys in self._keys.values():
                 # Heartbeat before membership: a sweep between the two must not see us dead.
                 pipe.set(keys.alive(self.worker_id), b"1", px=ttl_ms)
@@ -378,7 +378,7 @@ class RedisBroker:
     async def publish(self, queue: str, body: bytes) -> None:
         key = self.keys(queue).queue
 
-        def stage(pipe: Any) -> None:
+        def stage(pipe: Commands) -> None:
             pipe.lpush(key, body)
 
         await self.batcher.run(stage)
@@ -388,7 +388,7 @@ class RedisBroker:
         for queue, body in items:
             grouped.setdefault(self.keys(queue).queue, []).append(body)
 
-        def stage(pipe: Any) -> None:
+        def stage(pipe: Commands) -> None:
             for key, bodies in grouped.items():
                 for start in range(0, len(bodies), 1000):
                     pipe.lpush(key, *bodies[start : start + 1000])
@@ -407,7 +407,7 @@ class RedisBroker:
         record = orjson.dumps({"queue": queue, "reason": reason, "at": time.time(), **text})
         dead = self.keys(queue).dead
 
-        def stage(pipe: Any) -> None:
+        def stage(pipe: Commands) -> None:
             pipe.lpush(dead, record)
             if processing is not None:
                 pipe.lrem(processing, -1, body)

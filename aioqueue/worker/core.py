@@ -105,6 +105,8 @@ class Worker:
         self._hurry = asyncio.Event()
         self._consumer: Consumer | None = None
         self._backend: ResultBackend | None = None
+        self._tasks = app.tasks  # a live read-only view, made once rather than per message
+        self._joint_settle: Callable[..., Awaitable[bool]] | None = None
 
     def _default_queues(self) -> tuple[str, ...]:
         names = {t.queue for t in self.app.tasks.values() if t.queue}
@@ -116,6 +118,7 @@ class Worker:
         """Consume until ``stop()`` (or, in burst mode, until the queues are empty)."""
         broker = await self.app.ready_broker()
         self._backend = await self.app.ready_backend()
+        self._joint_settle = getattr(self._backend, "store_and_ack", None)
         await self._runner.start()
         self._consumer = broker.consumer(self.queues, worker_id=self.id)
         await self._consumer.start()
@@ -235,7 +238,7 @@ class Worker:
         except AioQueueError as exc:
             await self._reject(delivery, None, exc)
             return
-        task = app.tasks.get(message.task)
+        task = self._tasks.get(message.task)
         if task is None:
             error = TaskNotRegistered(
                 f"task {message.task!r} is not registered in app {app.name!r} "
@@ -309,7 +312,7 @@ class Worker:
         steps: list[Callable[[], Awaitable[None]]] = []
         if dead_reason is not None:
             steps.append(partial(delivery.dead_letter, dead_reason))
-        joint = getattr(self._backend, "store_and_ack", None)
+        joint = self._joint_settle
         if raw is not None and task_id is not None:
             if dead_reason is None and ack and joint is not None:
                 steps.append(

@@ -26,14 +26,6 @@ class Slots:
         self._free = total
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    @property
-    def free(self) -> int:
-        return self._free
-
-    @property
-    def busy(self) -> int:
-        return self.total - self._free
-
     async def acquire(self) -> None:
         """Take one slot, waiting for it if none is free."""
         if self._free > 0 and not self._waiters:
