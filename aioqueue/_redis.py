@@ -80,6 +80,9 @@ class Commands:
     def rpush(self, key: str, *values: bytes) -> None:
         self.stack.append(("RPUSH", key, *values))
 
+    def lrange(self, key: str, start: int, stop: int) -> None:
+        self.stack.append(("LRANGE", key, start, stop))
+
     def lrem(self, key: str, count: int, value: bytes) -> None:
         self.stack.append(("LREM", key, count, value))
 

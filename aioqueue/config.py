@@ -46,6 +46,7 @@ class Config:
     accept_content: tuple[str, ...] = ("json",)
     max_message_size: int = 16 * 1024 * 1024
     track_started: bool = False
+    max_attempts: int = 5
     acks_late: bool = True
     worker_concurrency: int = 100
     worker_threads: int = 40

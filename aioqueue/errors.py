@@ -15,6 +15,7 @@ Library errors from redis-py or aio-pika are translated at the broker/backend se
     ├── ResultBackendError
     ├── ResultTimeout              (also a TimeoutError)
     ├── TaskExpired
+    ├── DeliveryLimitExceeded
     ├── TaskFailed
     │   └── RemoteError
     └── WorkerLostError
@@ -69,6 +70,14 @@ class ResultTimeout(AioQueueError, TimeoutError):
 
 class TaskExpired(AioQueueError):
     """Recorded for a message that reached a worker after its ``expires`` time; it did not run."""
+
+
+class DeliveryLimitExceeded(AioQueueError):
+    """Recorded for a message delivered more than ``max_attempts`` times; it is dead-lettered.
+
+    A task that kills its worker (or that no worker manages to settle) would otherwise come
+    back for ever.
+    """
 
 
 class TaskFailed(AioQueueError):

@@ -266,7 +266,9 @@ async def test_worker_resumes_after_the_broker_closes_its_connection(amqp_app: A
         values = await asyncio.gather(*(r.get(timeout=25) for r in results))
     assert values == list(range(2000))
     assert set(runs) == set(range(2000))
-    assert sum(runs.values()) > 2000  # the held ones were unacked: RabbitMQ gave them again
+    # The held ones were unacked, so RabbitMQ gave them again; a copy that arrives after its
+    # first run stored the result is acked without running, so at most the 20 held run twice.
+    assert 2000 <= sum(runs.values()) <= 2000 + 20
 
 
 async def test_every_task_completes_when_the_broker_closes_all_connections_at_once(
@@ -408,14 +410,13 @@ async def test_attempt_counts_redeliveries(amqp_app: AppMaker, queue_type: str) 
             seen: list[Delivery] = []
             for expected in (1, 2, 3):
                 (delivery,) = await consumer.fetch(1, 5)
-                # quorum queues count deliveries (x-delivery-count); classic ones only flag them
-                assert delivery.attempt == (
-                    expected if queue_type == "quorum" else min(expected, 2)
-                )
+                # quorum queues count deliveries (x-delivery-count); on classic ones a
+                # redelivered message is published again with its attempt in a header
+                assert delivery.attempt == expected
                 assert delivery.redelivered == (expected > 1)
                 seen.append(delivery)
                 if expected < 3:
-                    await delivery.requeue()
+                    await delivery.requeue(count_attempt=True)
             await seen[-1].ack()
         finally:
             await consumer.close()

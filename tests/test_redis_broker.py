@@ -74,6 +74,7 @@ async def test_dead_workers_messages_return_with_attempt_raised(app: App) -> Non
         assert [d.attempt for d in taken] == [1, 1]
         # the worker "dies": no more heartbeats, no clean close
         doomed._heartbeat.cancel()  # type: ignore[attr-defined]
+        doomed._lease.stop()  # type: ignore[attr-defined]
         assert await broker.queue_length("default") == 0
 
         survivor = broker.consumer(["default"], worker_id="survivor")

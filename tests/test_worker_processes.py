@@ -390,7 +390,7 @@ async def test_burst_runs_everything_then_exits(
         assert seconds == 0.05 and pid != worker.pid
     assert await keys.queued() == []
     assert await keys.held() == {}
-    assert "stopped after 9 task(s)" in worker.stderr()
+    assert "stopped: 9 task(s) settled, 0 returned" in worker.stderr()
 
 
 @pytest.mark.parametrize(

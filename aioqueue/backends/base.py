@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-__all__ = ["ResultBackend"]
+if TYPE_CHECKING:
+    from ..brokers.base import Delivery
+
+__all__ = ["ResultBackend", "StoresWithAck"]
 
 
 class ResultBackend(Protocol):
     """Stores task outcomes and wakes the coroutines awaiting them.
 
-    Optional capability: ``async store_and_ack(delivery, task_id, outcome, *, ttl, reply_to)
-    -> bool`` stores and acks in one round trip when the backend shares the broker's server,
-    returning False when it cannot (the worker then stores and acks in turn).
+    A final outcome is stored once: the first ``store`` for a task id wins and later ones (a
+    duplicate run after a redelivery, a worker that lost its lease) change nothing, so every
+    reader sees one final result per id.
     """
 
     url: str
@@ -53,3 +56,20 @@ class ResultBackend(Protocol):
     async def forget(self, task_id: str) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class StoresWithAck(Protocol):
+    """Optional: a backend that can store an outcome and ack its message in one atomic step.
+
+    The worker checks it once at start (``shares_server_with`` its broker), never per message.
+    """
+
+    def shares_server_with(self, broker: object) -> bool:
+        """True when ``broker``'s deliveries can be acked together with this backend's stores."""
+
+    async def store_and_ack(
+        self, delivery: Delivery, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
+    ) -> bool:
+        """Store (first wins) and ack, atomically; False if the worker no longer held the message
+        (its lease was taken over), in which case nothing was stored or removed."""

@@ -24,18 +24,40 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
-from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from .._redis import CommandBatcher, Commands, connect_redis, redis_errors_as
+from .._redis import CommandBatcher, Commands, Script, connect_redis, redis_errors_as
 from ..config import mask_url
 from ..errors import ResultBackendError, ResultTimeout
+
+if TYPE_CHECKING:
+    from ..brokers.base import Delivery
+    from ..brokers.redis import _RedisDelivery
 
 __all__ = ["RedisBackend"]
 
 log = logging.getLogger("aioqueue.backend.redis")
 
 _RECENT_CACHE_SIZE = 10_000
+
+# First final outcome wins: SET NX KEYS[1] = ARGV[1] (PX ARGV[2]); only if it was stored, push
+# it to the sender's reply channel ARGV[3] (frame: ARGV[4] .. outcome, i.e. "<id> <ttl> <outcome>")
+# and ping the per-task channel ARGV[5]. A duplicate run stores and pushes nothing.
+_STORE_PART = """
+if redis.call('SET', KEYS[{k}], ARGV[{a}], 'PX', ARGV[{a} + 1], 'NX') then
+  if ARGV[{a} + 2] ~= '' then
+    redis.call('PUBLISH', ARGV[{a} + 2], ARGV[{a} + 3] .. ARGV[{a}])
+  end
+  redis.call('PUBLISH', ARGV[{a} + 4], '')
+end
+"""
+_STORE_SCRIPT = Script(_STORE_PART.format(k=1, a=1) + "return 1")
+# The same, fenced on the message ARGV[1] being in the processing list KEYS[1], then acked.
+_STORE_AND_ACK_SCRIPT = Script(
+    "if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end\n"
+    + _STORE_PART.format(k=2, a=2)
+    + "redis.call('LREM', KEYS[1], -1, ARGV[1])\nreturn 1"
+)
 
 
 class _Listener:
@@ -117,8 +139,10 @@ class _Listener:
                 self._backend.spawn_fetch(task_id)
 
     def _deliver_reply(self, data: bytes) -> None:
-        # Reply frames are b"<task id> <outcome>" so the id needs no JSON parse here.
+        # Reply frames are b"<task id> <ttl> <outcome>" so the id needs no JSON parse here.
         task_id_bytes, _, outcome = data.partition(b" ")
+        if not outcome.startswith(b"{"):
+            outcome = outcome.partition(b" ")[2]
         self.resolve(task_id_bytes.decode(), outcome)
 
     def resolve(self, task_id: str, outcome: bytes) -> None:
@@ -238,39 +262,46 @@ class RedisBackend:
             return None
         return (listener.epoch, listener.evictions)
 
-    def stage_store(
-        self, pipe: Commands, task_id: str, outcome: bytes, ttl: float, reply_to: str | None
-    ) -> None:
-        """Add a final store and its wake-ups to a pipeline (lets a broker ack in the same trip)."""
-        pipe.set(self._result_key(task_id), outcome, px=max(1, int(ttl * 1000)))
-        if reply_to is not None:
-            pipe.publish(reply_to, task_id.encode() + b" " + outcome)
-        pipe.publish(f"{self.key_prefix}:done:{task_id}", b"")
+    def _store_call(
+        self, task_id: str, outcome: bytes, ttl: float, reply_to: str | None
+    ) -> tuple[list[str], list[Any]]:
+        """Keys and arguments of the store part of ``_STORE`` / ``_STORE_AND_ACK``."""
+        head = f"{task_id} {ttl!r} ".encode() if reply_to is not None else b""
+        return (
+            [self._result_key(task_id)],
+            [
+                outcome,
+                max(1, int(ttl * 1000)),
+                reply_to or "",
+                head,
+                f"{self.key_prefix}:done:{task_id}",
+            ],
+        )
 
     async def store(
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
     ) -> None:
-        await self.batcher.run(
-            partial(self.stage_store, task_id=task_id, outcome=outcome, ttl=ttl, reply_to=reply_to)
-        )
+        """Store a final outcome unless one is stored already (first wins), and wake waiters."""
+        keys, args = self._store_call(task_id, outcome, ttl, reply_to)
+        await _STORE_SCRIPT.run(self.batcher, keys, args)
+
+    def shares_server_with(self, broker: object) -> bool:
+        """True when ``broker`` is a Redis broker on this very server and database."""
+        from ..brokers.redis import RedisBroker
+
+        return isinstance(broker, RedisBroker) and broker.same_server(self._raw_url)
 
     async def store_and_ack(
-        self, delivery: object, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
+        self, delivery: Delivery, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
     ) -> bool:
-        """Store and ack in one round trip when the delivery came from this same Redis.
+        """Store (first wins) and ack in one atomic script on the broker's own Redis.
 
-        Returns False (nothing done) otherwise; the worker then stores and acks in turn. The
-        store still runs first inside the batch, so a crash between them means a redelivery,
-        never a lost outcome.
+        The script acts only if the message is still in the worker's processing list, so a
+        worker that lost its lease changes nothing; the store runs before the removal, so a
+        write the server refuses (maxmemory, a bad TTL) leaves the message unacked.
         """
-        on_server = getattr(delivery, "on_server", None)
-        if on_server is None or not on_server(self._raw_url):
-            return False
-        stage = partial(
-            self.stage_store, task_id=task_id, outcome=outcome, ttl=ttl, reply_to=reply_to
-        )
-        await delivery.ack_after(stage)  # type: ignore[attr-defined]
-        return True
+        keys, args = self._store_call(task_id, outcome, ttl, reply_to)
+        return await cast("_RedisDelivery", delivery).ack_with(_STORE_AND_ACK_SCRIPT, keys, args)
 
     async def store_state(
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None = None

@@ -52,14 +52,15 @@ from .._amqp import (
 )
 from ..config import mask_url
 from ..errors import BrokerError, ConfigurationError
-from .amqp_consumer import _AmqpConsumer
-from .base import Consumer, DeadLetter
+from .amqp_consumer import ATTEMPT_HEADER, _AmqpConsumer
+from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter
 
 __all__ = ["AmqpBroker", "ChannelPool", "amqp_errors", "connection_name", "open_connection"]
 
 REASON_HEADER = "x-aioqueue-reason"
 QUEUE_HEADER = "x-aioqueue-queue"
 DEAD_AT_HEADER = "x-aioqueue-dead-at"
+SIZE_HEADER = "x-aioqueue-size"
 QUEUE_TYPES = frozenset({"classic", "quorum"})
 _PUBLISH_WINDOW = 1000
 
@@ -271,22 +272,42 @@ class AmqpBroker:
             if failed is not None:
                 raise failed
 
-    async def bury(self, queue: str, body: bytes, reason: str) -> None:
-        """Publish ``body`` to ``queue``'s dead letters with the reason, confirm-awaited."""
+    async def republish(self, queue: str, body: bytes, attempt: int) -> None:
+        """Publish ``body`` to ``queue`` again carrying its attempt number, confirm-awaited."""
+        await self.declare(queue)
+        await self._publish("", self.names(queue).queue, body, {ATTEMPT_HEADER: attempt})
+
+    async def bury(self, queue: str, body: bytes, reason: str, *, size: int | None = None) -> None:
+        """Publish ``body`` to ``queue``'s dead letters with the reason, confirm-awaited.
+
+        With ``size`` (the body was oversized) only its first bytes are kept, and the size.
+        """
         await self.declare(queue)
         names = self.names(queue)
-        headers = {REASON_HEADER: reason, QUEUE_HEADER: queue, DEAD_AT_HEADER: time.time()}
+        headers: dict[str, Any] = {
+            REASON_HEADER: reason,
+            QUEUE_HEADER: queue,
+            DEAD_AT_HEADER: time.time(),
+        }
+        if size is not None:
+            headers[SIZE_HEADER] = size
+            body = body[:DEAD_LETTER_PREFIX]
         await self._publish(names.dlx, names.dead, body, headers)
 
     # -- consuming and inspection ---------------------------------------------------------
 
     def consumer(
-        self, queues: Sequence[str], *, worker_id: str, prefetch: int | None = None
+        self,
+        queues: Sequence[str],
+        *,
+        worker_id: str,
+        prefetch: int | None = None,
+        max_size: int | None = None,
     ) -> Consumer:
         """A worker's consumer. ``prefetch`` (the worker's concurrency) sets the unacked limit
         up front; without it the limit starts at the first fetch's slots and grows as needed.
         """
-        return _AmqpConsumer(self, queues, worker_id, prefetch)
+        return _AmqpConsumer(self, queues, worker_id, prefetch, max_size)
 
     async def queue_length(self, queue: str) -> int:
         await self.connect()
@@ -380,11 +401,13 @@ def _dead_letter(queue: str, message: DeliveredMessage) -> DeadLetter:
         reason = f"rabbitmq: {_text(death.get('reason', 'unknown'))}"
         when = death.get("time")
         at = when.timestamp() if isinstance(when, datetime) else at
+    size = headers.get(SIZE_HEADER)
     return DeadLetter(
         queue=queue,
         body=message.body,
         reason=_text(reason),
         at=float(at) if isinstance(at, int | float) else time.time(),
+        size=size if isinstance(size, int) else None,
     )
 
 

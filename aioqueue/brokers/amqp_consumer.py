@@ -15,8 +15,22 @@ window while tasks of the dead channel are still finishing.
 A message is acked only after the worker stored its outcome. If the connection drops, RabbitMQ
 puts every unacked message back; the robust connection reconnects and resumes consuming by
 itself, buffered deliveries of the dead channel are discarded, and acks for them are skipped
-(their messages come again: at-least-once). ``Delivery.attempt`` comes from the quorum queue's
-``x-delivery-count`` header (+1), else 2 for a redelivered message, else 1.
+(their messages come again: at-least-once).
+
+Attempts: ``Delivery.attempt`` is the ``x-aioqueue-attempt`` header (1 when absent) plus the
+redeliveries RabbitMQ counted since: a quorum queue's ``x-delivery-count``, or 1 for a classic
+queue's ``redelivered`` flag. A classic queue does not count past that flag, so a redelivered
+message there is first published again with its raised attempt in the header and the original
+acked (confirm first, so a crash in between duplicates it rather than losing it); the copy is what
+runs. That is what lets ``max_attempts`` stop a message that crashes every worker taking it.
+Giving a message back untouched (``requeue(count_attempt=False)``: never ran, or a delay not yet
+due) publishes a copy with the same attempt and acks the original, so it does not count; giving
+it back after it ran (``count_attempt=True``) is a ``basic.nack`` with requeue, which counts.
+
+A message may stay unacked at most RabbitMQ's ``consumer_timeout`` (30 minutes by default)
+before RabbitMQ closes the channel and redelivers everything on it: parked messages (a future
+eta) are given back after ``max_hold`` (15 minutes), and a task that runs longer than the
+timeout needs the server's ``consumer_timeout`` raised (see the README).
 """
 
 from __future__ import annotations
@@ -48,10 +62,23 @@ log = logging.getLogger("aioqueue.broker.amqp")
 
 _MAX_PREFETCH = 65535
 _BURST_SETTLE = 1.0
+ATTEMPT_HEADER = "x-aioqueue-attempt"
+MAX_HOLD = 900.0
+"""Seconds a parked message may stay unacked: half RabbitMQ's default consumer_timeout."""
 
 
 class _AmqpDelivery:
-    __slots__ = ("_channel", "_consumer", "_settled", "_tag", "attempt", "body", "queue")
+    __slots__ = (
+        "_channel",
+        "_consumer",
+        "_settled",
+        "_tag",
+        "attempt",
+        "body",
+        "queue",
+        "redelivered_by_broker",
+        "size",
+    )
 
     def __init__(
         self, consumer: _AmqpConsumer, queue: str, message: AbstractIncomingMessage
@@ -62,11 +89,16 @@ class _AmqpDelivery:
         self._settled = False
         self.queue = queue
         self.body = message.body
-        count = message.headers.get("x-delivery-count")
+        self.size = len(self.body)
+        headers = message.headers
+        stamped = headers.get(ATTEMPT_HEADER)
+        base = stamped if isinstance(stamped, int) and stamped >= 1 else 1
+        count = headers.get("x-delivery-count")
+        self.redelivered_by_broker = bool(message.redelivered)
         if isinstance(count, int):
-            self.attempt = count + 1
+            self.attempt = base + count
         else:
-            self.attempt = 2 if message.redelivered else 1
+            self.attempt = base + 1 if message.redelivered else base
 
     @property
     def redelivered(self) -> bool:
@@ -99,7 +131,15 @@ class _AmqpDelivery:
             ):
                 await self._channel.basic_ack(self._tag, wait=False)
 
-    async def requeue(self) -> None:
+    async def requeue(self, *, count_attempt: bool = False) -> None:
+        if self._settled:
+            return
+        if not count_attempt and not self.stale:
+            # A copy with the same attempt, confirmed, then the ack: a nack would set the
+            # redelivered flag and count an attempt for a message that never ran.
+            await self._consumer.broker.republish(self.queue, self.body, self.attempt)
+            await self.ack()
+            return
         if self._settle():
             with (
                 contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError),
@@ -112,17 +152,28 @@ class _AmqpDelivery:
             return
         # Published and confirmed before the ack: a crash in between keeps the message (it
         # comes again and is dead-lettered again), never loses it.
-        await self._consumer.broker.bury(self.queue, self.body, reason)
+        max_size = self._consumer.max_size
+        size = self.size if max_size is not None and self.size > max_size else None
+        await self._consumer.broker.bury(self.queue, self.body, reason, size=size)
         await self.ack()
 
 
 class _AmqpConsumer:
     """One worker's connection, channel and consumers; deliveries wait in a bounded buffer."""
 
+    max_hold: float | None = MAX_HOLD
+
     def __init__(
-        self, broker: AmqpBroker, queues: Sequence[str], worker_id: str, prefetch: int | None
+        self,
+        broker: AmqpBroker,
+        queues: Sequence[str],
+        worker_id: str,
+        prefetch: int | None,
+        max_size: int | None = None,
     ) -> None:
         self.broker = broker
+        self.max_size = max_size
+        self._recounting: set[asyncio.Task[None]] = set()
         self._initial_prefetch = prefetch or 0
         self.worker_id = worker_id
         self.queues = tuple(queues)
@@ -265,12 +316,32 @@ class _AmqpConsumer:
                     self._tags[queue] = [await amqp_queue.consume(self._callback(queue))]
         self._rebuilt = reopens
 
+    async def _recount(self, delivery: _AmqpDelivery) -> None:
+        """Classic queue, redelivered: publish a copy carrying the raised attempt, ack this one.
+
+        If that fails the original stays unacked, and RabbitMQ gives it back when the channel
+        closes: counted late, never lost.
+        """
+        try:
+            await self.broker.republish(delivery.queue, delivery.body, delivery.attempt)
+            await delivery.ack()
+        except Exception as exc:
+            log.warning("could not record a redelivery on %s: %s", delivery.queue, exc)
+
     def _on_reopen(self, *_: Any) -> None:
         self._reopens += 1
 
     def _callback(self, queue: str) -> Callable[[AbstractIncomingMessage], Any]:
+        count_redeliveries = self.broker.queue_type == "classic"
+
         async def on_message(message: AbstractIncomingMessage) -> None:
-            self._buffer.append(_AmqpDelivery(self, queue, message))
+            delivery = _AmqpDelivery(self, queue, message)
+            if count_redeliveries and delivery.redelivered_by_broker:
+                task = asyncio.get_running_loop().create_task(self._recount(delivery))
+                self._recounting.add(task)
+                task.add_done_callback(self._recounting.discard)
+                return
+            self._buffer.append(delivery)
             self._arrived.set()
 
         return on_message
@@ -305,9 +376,14 @@ class _AmqpConsumer:
                 for queue, tags in self._tags.items():
                     for tag in tags:
                         await self._amqp_queues[queue].cancel(tag)
-        unsettled = [d for d in (*self._buffer, *self.handed) if not d.stale]
+        for task in list(self._recounting):
+            task.cancel()  # its message is still unacked: closing the channel returns it
+        never_ran = [d for d in self._buffer if not d.stale]
+        ran = [d for d in self.handed if not d.stale]
         self._buffer.clear()
-        for delivery in sorted(unsettled, key=lambda d: d._tag):
-            await delivery.requeue()
+        for delivery in never_ran:
+            await delivery.requeue(count_attempt=False)
+        for delivery in sorted(ran, key=lambda d: d._tag):
+            await delivery.requeue(count_attempt=True)
         # Closing waits for close-ok: the requeues above are done before anyone looks again.
         await close_quietly(channel, self.broker.connect_timeout)

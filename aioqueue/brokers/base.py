@@ -3,7 +3,14 @@
 Brokers never see Python objects, so serialization lives in one place (``message.py``) and a new
 transport is a small class. A broker publishes encoded envelopes to named queues and hands a
 worker's :class:`Consumer` :class:`Delivery` objects, each of which must end in exactly one of
-``ack``, ``requeue`` or ``dead_letter``.
+``ack``, ``requeue`` or ``dead_letter``: the worker's settle step (``worker/settle.py``) turns its
+one decision per message into these calls, in order, retried until they succeed or the worker
+stops (when the consumer's ``close`` gives back whatever is still unsettled).
+
+Leases are fenced: a delivery's ``ack``, ``requeue`` and ``dead_letter`` act only while this worker
+still holds the message. Once the broker has handed it to another worker (this one froze past its
+heartbeat, or its connection died), they do nothing, so a late worker can never remove or
+overwrite the newer attempt.
 """
 
 from __future__ import annotations
@@ -13,7 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Broker", "Consumer", "DeadLetter", "Delivery", "attempt_of"]
+__all__ = ["DEAD_LETTER_PREFIX", "Broker", "Consumer", "DeadLetter", "Delivery", "attempt_of"]
+
+DEAD_LETTER_PREFIX = 1024
+"""Bytes of an oversized body kept in its dead letter (with its size): enough to see what it was."""
 
 _ATTEMPT_PREFIX = re.compile(rb'^\{"attempt":(\d+),')
 
@@ -35,8 +45,12 @@ class Delivery(Protocol):
     """One message handed to a worker; it owns the message until it settles it."""
 
     body: bytes
+    """The message; for one the broker refused by size, only its first bytes."""
     queue: str
     attempt: int
+    """1 for a first delivery; raised each time the message comes back unfinished."""
+    size: int
+    """Length of the whole message as it was sent (``len(body)`` unless refused by size)."""
 
     @property
     def redelivered(self) -> bool: ...
@@ -44,8 +58,13 @@ class Delivery(Protocol):
     async def ack(self) -> None:
         """The outcome is stored: forget the message."""
 
-    async def requeue(self) -> None:
-        """Give the message back to its queue untouched (shutdown before it ran)."""
+    async def requeue(self, *, count_attempt: bool = False) -> None:
+        """Give the message back to its queue.
+
+        ``count_attempt=False``: it never ran (shutdown before it started, a delay not yet due),
+        so it comes back as it was. ``True``: it ran, or may have, without an outcome, so it
+        comes back with its attempt raised and ``max_attempts`` bounds how often that happens.
+        """
 
     async def dead_letter(self, reason: str) -> None:
         """Move the raw message to the queue's dead-letter store with the reason."""
@@ -56,6 +75,10 @@ class Consumer(Protocol):
 
     async def start(self) -> None:
         """Register the consumer (heartbeats, subscriptions) before the first fetch."""
+
+    max_hold: float | None
+    """Longest a worker may keep a message unsettled without running it (a delay not yet due)
+    before it must give it back; None when the broker sets no such limit."""
 
     async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
         """Up to ``max_count`` deliveries; waits at most ``timeout`` seconds for the first.
@@ -74,8 +97,11 @@ class DeadLetter:
 
     queue: str
     body: bytes
+    """The message, or only its first :data:`DEAD_LETTER_PREFIX` bytes when it was oversized."""
     reason: str
     at: float
+    size: int | None = None
+    """Length of the whole message when ``body`` holds only its beginning, else None."""
 
 
 class Broker(Protocol):
@@ -91,7 +117,12 @@ class Broker(Protocol):
     async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Publish a batch in as few round trips as the transport allows."""
 
-    def consumer(self, queues: Sequence[str], *, worker_id: str) -> Consumer: ...
+    def consumer(
+        self, queues: Sequence[str], *, worker_id: str, max_size: int | None = None
+    ) -> Consumer:
+        """A worker's consumer. ``max_size``: bodies longer than this are refused without being
+        run (and, where the broker can, without being read whole) and dead-lettered with a
+        prefix only."""
 
     async def queue_length(self, queue: str) -> int:
         """Messages waiting in ``queue`` (not those being processed)."""

@@ -12,19 +12,20 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 
-from .base import Consumer, DeadLetter, Delivery
+from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery
 
 __all__ = ["MemoryBroker"]
 
 
 class _MemoryDelivery:
-    __slots__ = ("_consumer", "attempt", "body", "queue")
+    __slots__ = ("_consumer", "attempt", "body", "queue", "size")
 
     def __init__(self, consumer: _MemoryConsumer, queue: str, body: bytes, attempt: int) -> None:
         self._consumer = consumer
         self.queue = queue
         self.body = body
         self.attempt = attempt
+        self.size = len(body)
 
     @property
     def redelivered(self) -> bool:
@@ -33,21 +34,34 @@ class _MemoryDelivery:
     async def ack(self) -> None:
         self._consumer.unsettled.discard(self)
 
-    async def requeue(self) -> None:
+    async def requeue(self, *, count_attempt: bool = False) -> None:
         if self in self._consumer.unsettled:
             self._consumer.unsettled.discard(self)
-            self._consumer.broker.push_back(self.queue, self.body, self.attempt)
+            attempt = self.attempt + 1 if count_attempt else self.attempt
+            self._consumer.broker.push_back(self.queue, self.body, attempt)
 
     async def dead_letter(self, reason: str) -> None:
+        if self not in self._consumer.unsettled:
+            return
         self._consumer.unsettled.discard(self)
-        dead = DeadLetter(queue=self.queue, body=self.body, reason=reason, at=time.time())
+        oversized = self._consumer.max_size is not None and self.size > self._consumer.max_size
+        dead = DeadLetter(
+            queue=self.queue,
+            body=self.body[:DEAD_LETTER_PREFIX] if oversized else self.body,
+            reason=reason,
+            at=time.time(),
+            size=self.size if oversized else None,
+        )
         self._consumer.broker.dead[self.queue].append(dead)
 
 
 class _MemoryConsumer:
-    def __init__(self, broker: MemoryBroker, queues: Sequence[str]) -> None:
+    max_hold: float | None = None
+
+    def __init__(self, broker: MemoryBroker, queues: Sequence[str], max_size: int | None) -> None:
         self.broker = broker
         self.queues = tuple(queues)
+        self.max_size = max_size
         self.unsettled: set[_MemoryDelivery] = set()
 
     async def start(self) -> None:
@@ -126,8 +140,10 @@ class MemoryBroker:
             self.queues[queue].append((body, 1))
         self._notify()
 
-    def consumer(self, queues: Sequence[str], *, worker_id: str) -> Consumer:
-        return _MemoryConsumer(self, queues)
+    def consumer(
+        self, queues: Sequence[str], *, worker_id: str, max_size: int | None = None
+    ) -> Consumer:
+        return _MemoryConsumer(self, queues, max_size)
 
     async def queue_length(self, queue: str) -> int:
         return len(self.queues[queue])

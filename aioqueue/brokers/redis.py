@@ -7,14 +7,23 @@ Redis Cluster slot)::
     p:{q}:processing:<worker>    list   messages a worker holds; removed (LREM) on ack
     p:{q}:workers                set    ids of workers consuming q
     p:{q}:alive:<worker>         string heartbeat, expires after worker_heartbeat_ttl
-    p:{q}:dead                   list   dead letters: JSON {queue, reason, at, body}
+    p:{q}:dead                   list   dead letters: JSON {queue, reason, at, body | body_b64
+                                        | body_hex, size (only when the body was cut short)}
 
 Delivery contract: a message is moved atomically from the queue into the worker's processing
 list (a Lua script takes up to the number of free slots at once; BLMOVE waits when the queue is
 empty), and leaves it only when the outcome is stored. A worker renews its heartbeat every
-``worker_heartbeat_interval``; every live worker also sweeps: the processing list of a worker
-whose heartbeat expired goes back to the front of its queue with the attempt number raised.
-There is no visibility timeout, so a long task whose worker is alive is never run twice.
+``worker_heartbeat_interval``, from a thread of its own (so a blocked event loop does not lose
+it) and from the loop; every live worker also sweeps: the processing list of a worker whose
+heartbeat expired goes back to the front of its queue with the attempt number raised. There is
+no visibility timeout, so a long task whose worker is alive is never run twice.
+
+The heartbeat is a lease, and it is fenced: every settle (ack, store-and-ack, give back, dead
+letter) is a script that acts only if the message is still in this worker's processing list. A
+worker that froze past its TTL (SIGSTOP, a stalled VM) finds its list swept when it wakes, and
+can neither remove nor overwrite the newer attempt. A fetch or BLMOVE whose reply was lost
+(the connection died after the server moved the message) is reconciled on the next fetch: what
+the list holds beyond what the worker knows it holds is adopted and run.
 """
 
 from __future__ import annotations
@@ -23,37 +32,57 @@ import asyncio
 import base64
 import contextlib
 import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
+from redis import Redis as SyncRedis
 
 from .._redis import (
     CommandBatcher,
     Commands,
     RedisClient,
     Script,
-    Stage,
     connect_redis,
     redis_errors_as,
 )
 from ..config import mask_url
-from .base import Consumer, DeadLetter, Delivery, attempt_of
+from ..errors import AioQueueError
+from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, attempt_of
 
 __all__ = ["RedisBroker"]
 
 log = logging.getLogger("aioqueue.broker.redis")
 
-# Move up to ARGV[1] messages from the queue into the processing list, oldest first.
+# Move up to ARGV[1] messages from the queue KEYS[1] into the processing list KEYS[2], oldest
+# first. A body longer than ARGV[2] bytes (0: no limit) is not handed out: it goes to the dead
+# letters KEYS[3] as a record of its size and first ARGV[5] bytes (hex), so no worker ever reads
+# it whole; its prefix and size come back in the second list so the worker can record FAILURE.
+# ARGV[3] is the queue's name and ARGV[4] the time, for the record.
 _FETCH = """
-local out = {}
-for i = 1, tonumber(ARGV[1]) do
-  local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+local want, max, keep = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[5])
+local out, refused = {}, {}
+while #out < want and #refused < 200 do
+  local v = redis.call('RPOP', KEYS[1])
   if not v then break end
-  out[i] = v
+  if max > 0 and string.len(v) > max then
+    local head = string.sub(v, 1, keep)
+    local hex = string.gsub(head, '.', function(c) return string.format('%02x', string.byte(c)) end)
+    redis.call('LPUSH', KEYS[3], cjson.encode({queue = ARGV[3], at = tonumber(ARGV[4]),
+      size = string.len(v), body_hex = hex,
+      reason = 'MessageTooLarge: message is ' .. string.len(v) ..
+               ' bytes, over max_message_size=' .. ARGV[2]}))
+    refused[#refused + 1] = head
+    refused[#refused + 1] = tostring(string.len(v))
+  else
+    redis.call('LPUSH', KEYS[2], v)
+    out[#out + 1] = v
+  end
 end
-return out
+return {out, refused}
 """
 
 # Lua: raise the attempt number carried in a '{"attempt":N,' prefix of a JSON body.
@@ -108,9 +137,34 @@ return moved
 """
 )
 
+# Fenced give-back: only if message ARGV[1] is still in this worker's processing list KEYS[1]
+# (its lease was not taken over), push it to the front of queue KEYS[2], its attempt raised when
+# ARGV[2] == '1', then drop it from the list. The write comes before the removal, so a write the
+# server refuses (maxmemory) leaves the message where it was.
+_GIVE_BACK = (
+    _BUMP_ATTEMPT
+    + """
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+local v = ARGV[1]
+if ARGV[2] == '1' then v = bump(v) end
+redis.call('RPUSH', KEYS[2], v)
+redis.call('LREM', KEYS[1], -1, ARGV[1])
+return 1
+"""
+)
+
+# Fenced dead letter: record ARGV[2] in KEYS[2], then drop message ARGV[1] from KEYS[1].
+_BURY = """
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('LREM', KEYS[1], -1, ARGV[1])
+return 1
+"""
 
 _FETCH_SCRIPT = Script(_FETCH)
 _RETURN_SCRIPT = Script(_RETURN)
+_GIVE_BACK_SCRIPT = Script(_GIVE_BACK)
+_BURY_SCRIPT = Script(_BURY)
 
 
 class _Keys:
@@ -132,72 +186,193 @@ class _Keys:
 
 
 class _RedisDelivery:
-    __slots__ = ("_consumer", "_processing", "attempt", "body", "queue")
+    """A message in this worker's processing list; every settle is fenced on it being there."""
+
+    __slots__ = ("_consumer", "_held", "attempt", "body", "processing", "queue", "size")
 
     def __init__(self, consumer: _RedisConsumer, queue: str, processing: str, body: bytes) -> None:
         self._consumer = consumer
-        self._processing = processing
+        self.processing = processing
         self.queue = queue
         self.body = body
+        self.size = len(body)
         self.attempt = attempt_of(body)
+        self._held = True
+        consumer.hold(queue, body)
 
     @property
     def redelivered(self) -> bool:
         return self.attempt > 1
 
-    def stage_ack(self, pipe: Commands) -> None:
-        pipe.lrem(self._processing, -1, self.body)
+    def _release(self) -> None:
+        if self._held:
+            self._held = False
+            self._consumer.release(self.queue, self.body)
 
     async def ack(self) -> None:
-        await self._consumer.broker.batcher.run(self.stage_ack)
-
-    def on_server(self, url: str) -> bool:
-        """True if this delivery's broker is the Redis server (and db) at ``url``."""
-        return self._consumer.broker.same_server(url)
-
-    async def ack_after(self, stage: Stage) -> None:
-        """Run ``stage`` (a result store) and this ack in one round trip, store first."""
-
-        def both(pipe: Commands) -> None:
-            stage(pipe)
-            self.stage_ack(pipe)
-
-        await self._consumer.broker.batcher.run(both)
-
-    async def requeue(self) -> None:
-        keys = self._consumer.broker.keys(self.queue)
-        processing, body = self._processing, self.body
+        processing, body = self.processing, self.body
 
         def stage(pipe: Commands) -> None:
             pipe.lrem(processing, -1, body)
-            pipe.rpush(keys.queue, body)
 
         await self._consumer.broker.batcher.run(stage)
+        self._release()
+
+    async def ack_with(self, script: Script, keys: list[str], args: list[Any]) -> bool:
+        """Run ``script`` with this message's processing list and body as its first key and
+        argument (a result store that acks atomically); True if the lease was still held."""
+        held = await script.run(
+            self._consumer.broker.batcher, [self.processing, *keys], [self.body, *args]
+        )
+        self._release()
+        return bool(held)
+
+    async def requeue(self, *, count_attempt: bool = False) -> None:
+        keys = self._consumer.broker.keys(self.queue)
+        await _GIVE_BACK_SCRIPT.run(
+            self._consumer.broker.batcher,
+            [self.processing, keys.queue],
+            [self.body, "1" if count_attempt else "0"],
+        )
+        self._release()
 
     async def dead_letter(self, reason: str) -> None:
-        await self._consumer.broker.bury(self.queue, self._processing, self.body, reason)
+        record = self._consumer.broker.dead_record(
+            self.queue, self.body, reason, max_size=self._consumer.max_size
+        )
+        keys = self._consumer.broker.keys(self.queue)
+        await _BURY_SCRIPT.run(
+            self._consumer.broker.batcher, [self.processing, keys.dead], [self.body, record]
+        )
+        self._release()
+
+
+class _RefusedDelivery:
+    """An oversized message the fetch script already moved to the dead letters (prefix only).
+
+    The worker still sees it, to record the FAILURE for its task id; settling it is a no-op.
+    """
+
+    __slots__ = ("attempt", "body", "queue", "size")
+
+    def __init__(self, queue: str, head: bytes, size: int) -> None:
+        self.queue = queue
+        self.body = head
+        self.size = size
+        self.attempt = 1
+
+    @property
+    def redelivered(self) -> bool:
+        return False
+
+    async def ack(self) -> None:
+        return None
+
+    async def requeue(self, *, count_attempt: bool = False) -> None:
+        return None
+
+    async def dead_letter(self, reason: str) -> None:
+        return None
+
+
+class _LeaseKeeper:
+    """Renews this worker's heartbeat keys from a thread of its own.
+
+    The heartbeat is the lease on everything in the worker's processing lists. Renewed only from
+    the event loop, an ``async def`` task that blocks the loop past the TTL would lose it and see
+    its messages run again elsewhere, over and over; from a thread, the lease lasts as long as the
+    process does (a frozen process, SIGSTOP, still loses it, and fencing covers that case).
+    """
+
+    def __init__(self, url: str, keys: list[str], *, interval: float, ttl: float) -> None:
+        self._url = url
+        self._keys = keys
+        self._interval = interval
+        self._ttl_ms = int(ttl * 1000)
+        self._timeout = max(0.5, ttl / 2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="aioqueue-lease", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        client = SyncRedis.from_url(
+            self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
+        )
+        failing = False
+        try:
+            while not self._stop.wait(self._interval):
+                try:
+                    with client.pipeline(transaction=False) as pipe:
+                        for key in self._keys:
+                            pipe.set(key, b"1", px=self._ttl_ms)
+                        pipe.execute()
+                    failing = False
+                except Exception as exc:  # an outage must not end the thread; the loop retries too
+                    if not failing:
+                        log.warning("renewing the worker's lease failed: %s", _masked(exc))
+                    failing = True
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._timeout + 0.5)
+
+
+def _masked(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {mask_url(str(exc))}"
 
 
 class _RedisConsumer:
-    """One worker's view of its queues: batch fetch, blocking wait, heartbeat and sweep."""
+    """One worker's view of its queues: batch fetch, blocking wait, lease, sweep, reconcile."""
 
-    def __init__(self, broker: RedisBroker, queues: Sequence[str], worker_id: str) -> None:
+    def __init__(
+        self, broker: RedisBroker, queues: Sequence[str], worker_id: str, max_size: int | None
+    ) -> None:
         self.broker = broker
         self.worker_id = worker_id
         self.queues = tuple(queues)
+        self.max_size = max_size
+        self.max_hold: float | None = None
         self._keys = {q: broker.keys(q) for q in self.queues}
         self._processing = {q: k.processing(worker_id) for q, k in self._keys.items()}
         self._buffer: list[Delivery] = []
         self._waiters: dict[str, asyncio.Task[bytes]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._lease: _LeaseKeeper | None = None
         self._blocking: RedisClient | None = None
         self._blockers: dict[str, CommandBatcher] = {}
+        # What this worker knows it holds, per queue: a message in its processing list that is
+        # not counted here was moved by a command whose reply was lost, and is adopted.
+        self._held: dict[str, Counter[bytes]] = {q: Counter() for q in self.queues}
+        self._dirty: set[str] = set()
+
+    def hold(self, queue: str, body: bytes) -> None:
+        self._held[queue][body] += 1
+
+    def release(self, queue: str, body: bytes) -> None:
+        held = self._held[queue]
+        held[body] -= 1
+        if held[body] <= 0:
+            del held[body]
 
     async def start(self) -> None:
         await self._beat()
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        self._lease = _LeaseKeeper(
+            self.broker.raw_url,
+            [keys.alive(self.worker_id) for keys in self._keys.values()],
+            interval=self.broker.heartbeat_interval,
+            ttl=self.broker.heartbeat_ttl,
+        )
+        self._lease.start()
 
     async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+        self._collect_waits()
+        if self._dirty:
+            await self._reconcile()
         out = self._take_buffered(max_count)
         for queue in self.queues:
             if len(out) >= max_count:
@@ -214,8 +389,61 @@ class _RedisConsumer:
     async def _fetch_batch(self, queue: str, count: int) -> list[Delivery]:
         keys = self._keys[queue]
         processing = self._processing[queue]
-        bodies = await _FETCH_SCRIPT.run(self.broker.batcher, [keys.queue, processing], [count])
-        return [_RedisDelivery(self, queue, processing, body) for body in bodies]
+        try:
+            moved, refused = await _FETCH_SCRIPT.run(
+                self.broker.batcher,
+                [keys.queue, processing, keys.dead],
+                [count, self.max_size or 0, queue, time.time(), DEAD_LETTER_PREFIX],
+            )
+        except AioQueueError:
+            self._dirty.add(queue)  # the script may have run with its reply lost: reconcile
+            raise
+        out: list[Delivery] = [_RedisDelivery(self, queue, processing, body) for body in moved]
+        for index in range(0, len(refused), 2):
+            out.append(_RefusedDelivery(queue, refused[index], int(refused[index + 1])))
+        return out
+
+    def _collect_waits(self) -> None:
+        """Hand out what background BLMOVEs took meanwhile, before fetching anything else, so a
+        message they moved never waits while the worker is busy with other queues."""
+        for queue, task in list(self._waiters.items()):
+            if task.done():
+                del self._waiters[queue]
+                self._take_wait_result(queue, task)
+
+    def _take_wait_result(self, queue: str, task: asyncio.Task[bytes]) -> None:
+        if task.cancelled():
+            self._dirty.add(queue)
+            return
+        error = task.exception()
+        if error is not None:
+            self._dirty.add(queue)  # the server may have moved one with the reply lost
+            raise error
+        self._buffer.append(_RedisDelivery(self, queue, self._processing[queue], task.result()))
+
+    async def _reconcile(self) -> None:
+        """Adopt messages in our processing lists that we never heard of (a lost reply)."""
+        for queue in list(self._dirty):
+            if queue in self._waiters:
+                continue  # its BLMOVE may still move one: reconcile once it has ended
+            processing = self._processing[queue]
+
+            def stage(pipe: Commands, key: str = processing) -> None:
+                pipe.lrange(key, 0, -1)
+
+            listed: list[bytes] = await self.broker.batcher.run(stage)
+            extra = Counter(listed) - self._held[queue]
+            for body, count in extra.items():
+                for _ in range(count):
+                    self._buffer.append(_RedisDelivery(self, queue, processing, body))
+            if extra:
+                log.warning(
+                    "worker %s adopted %d message(s) on %s whose fetch reply was lost",
+                    self.worker_id,
+                    sum(extra.values()),
+                    queue,
+                )
+            self._dirty.discard(queue)
 
     async def _wait(self, max_count: int, timeout: float) -> list[Delivery]:
         """Block until a message arrives on any queue (one BLMOVE per queue), or time out.
@@ -223,7 +451,7 @@ class _RedisConsumer:
         A BLMOVE that is still waiting when this returns stays in flight for the next call, so
         no message it takes is lost; with several queues it can bring at most one message per
         extra queue beyond ``max_count``, which waits in the buffer (already in this worker's
-        processing list, so covered by its heartbeat).
+        processing list, so covered by its lease).
         """
         for queue in self.queues:
             if queue not in self._waiters:
@@ -231,11 +459,8 @@ class _RedisConsumer:
         done, _ = await asyncio.wait(
             self._waiters.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
-        for queue, task in list(self._waiters.items()):
-            if task in done:
-                del self._waiters[queue]
-                body = task.result()  # re-raises a broker error for the worker to handle
-                self._buffer.append(_RedisDelivery(self, queue, self._processing[queue], body))
+        if done:
+            self._collect_waits()
         return self._take_buffered(max_count)
 
     async def _blmove(self, queue: str) -> bytes:
@@ -292,6 +517,9 @@ class _RedisConsumer:
         # in the processing lists was running when the worker gave up on it: attempt raised.
         for delivery in self._take_buffered(len(self._buffer)):
             await delivery.requeue()
+        if self._lease is not None:
+            self._lease.stop()
+            self._lease = None
         for queue, keys in self._keys.items():
             processing = self._processing[queue]
             await _RETURN_SCRIPT.run(self.broker.batcher, [processing, keys.queue], ["1"])
@@ -352,6 +580,11 @@ class RedisBroker:
         self.batcher = CommandBatcher(self.client, self.errors)
         self._keys: dict[str, _Keys] = {}
 
+    @property
+    def raw_url(self) -> str:
+        """The URL with its password, for the lease thread's own client: never log it."""
+        return self._raw_url
+
     def new_client(self, role: str) -> RedisClient:
         return connect_redis(
             self._raw_url,
@@ -395,24 +628,23 @@ class RedisBroker:
 
         await self.batcher.run(stage)
 
-    def consumer(self, queues: Sequence[str], *, worker_id: str) -> Consumer:
-        return _RedisConsumer(self, queues, worker_id)
+    def consumer(
+        self, queues: Sequence[str], *, worker_id: str, max_size: int | None = None
+    ) -> Consumer:
+        return _RedisConsumer(self, queues, worker_id, max_size)
 
-    async def bury(self, queue: str, processing: str | None, body: bytes, reason: str) -> None:
-        """Store ``body`` as a dead letter of ``queue`` and drop it from ``processing``."""
+    @staticmethod
+    def dead_record(queue: str, body: bytes, reason: str, *, max_size: int | None) -> bytes:
+        """A dead letter's JSON record: the whole body, or its first bytes when oversized."""
+        record: dict[str, Any] = {"queue": queue, "reason": reason, "at": time.time()}
+        if max_size is not None and len(body) > max_size:
+            record["size"] = len(body)
+            body = body[:DEAD_LETTER_PREFIX]
         try:
-            text: dict[str, Any] = {"body": body.decode("utf-8")}
+            record["body"] = body.decode("utf-8")
         except UnicodeDecodeError:
-            text = {"body_b64": base64.b64encode(body).decode("ascii")}
-        record = orjson.dumps({"queue": queue, "reason": reason, "at": time.time(), **text})
-        dead = self.keys(queue).dead
-
-        def stage(pipe: Commands) -> None:
-            pipe.lpush(dead, record)
-            if processing is not None:
-                pipe.lrem(processing, -1, body)
-
-        await self.batcher.run(stage)
+            record["body_b64"] = base64.b64encode(body).decode("ascii")
+        return orjson.dumps(record)
 
     async def queue_length(self, queue: str) -> int:
         with self.errors():
@@ -433,5 +665,12 @@ class RedisBroker:
 
 def _dead_letter(raw: bytes) -> DeadLetter:
     data = orjson.loads(raw)
-    body = data["body"].encode() if "body" in data else base64.b64decode(data["body_b64"])
-    return DeadLetter(queue=data["queue"], body=body, reason=data["reason"], at=data["at"])
+    if "body" in data:
+        body = data["body"].encode()
+    elif "body_hex" in data:
+        body = bytes.fromhex(data["body_hex"])
+    else:
+        body = base64.b64decode(data["body_b64"])
+    return DeadLetter(
+        queue=data["queue"], body=body, reason=data["reason"], at=data["at"], size=data.get("size")
+    )

@@ -1,24 +1,28 @@
-"""The worker: take a slot, fetch, decode, execute, settle, release.
+"""The worker: take a slot, fetch, decide, settle, release.
 
 The data path of one task::
 
     slots.acquire()                 a slot is taken before any message is fetched
     consumer.fetch(free slots)      one round trip moves up to that many messages into this
                                     worker's processing list (Redis: Lua LMOVE loop / BLMOVE)
-    codec.decode(body)              JSON envelope -> Message   (bad bytes: FAILURE + dead letter)
-    app.tasks[message.task]         registry lookup             (unknown: FAILURE + dead letter)
-    execute(task, message)          await it, or run it on a thread / in a child process
-    codec.encode_outcome(outcome)   (unencodable result: FAILURE + dead letter)
-    backend.store(outcome)          SET with TTL + PUBLISH to the sender's reply channel
-    delivery.ack()                  LREM from the processing list, only after the store
+    handler.decide(delivery)        decode, registry lookup, attempt cap, schedule, execute:
+                                    await it, or run it on a thread / in a child process
+                                    -> one Disposition: Ack(store) | Reject(reason) | Requeue
+    settler.settle(disposition)     store the outcome, then ack (one atomic Lua script when the
+                                    results live on the broker's Redis); retried until it holds
     slots.release()
 
 Writes from concurrent tasks (stores, acks) share pipelines through the command batcher, so
 under load a round trip carries many tasks' writes. Per task the worker makes a Message, a
-Delivery and an Outcome, and one asyncio task; nothing else on the hot path.
+Delivery, an Outcome and a Disposition, and one asyncio task; nothing else on the hot path.
 
-Shutdown (``stop()``, SIGTERM/SIGINT through the CLI): stop fetching, give running tasks
-``shutdown_timeout`` seconds, cancel the rest, and return every unsettled message to its queue.
+A message not due yet (a future ``eta``) is parked: its slot is freed and the worker keeps the
+delivery, coming back to it when it is due (or giving it back untouched before the broker's own
+limit on holding a message, AMQP's consumer timeout).
+
+Shutdown (``stop()``, SIGTERM/SIGINT through the CLI): stop fetching, give parked messages back
+untouched, give running tasks ``shutdown_timeout`` seconds, cancel the rest, and return every
+unsettled message to its queue (its attempt raised: it may have run).
 """
 
 from __future__ import annotations
@@ -27,36 +31,31 @@ import asyncio
 import contextlib
 import logging
 import os
-import reprlib
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..errors import AioQueueError, ConfigurationError, TaskExpired, TaskNotRegistered
-from ..message import Message, Outcome, States
-from .execution import encode_or_fail, execute, failure_outcome
+from ..backends.base import StoresWithAck
+from ..errors import AioQueueError, BrokerConnectionError, ConfigurationError, ResultBackendError
 from .executors import Runner
+from .handler import Handler, Park
+from .settle import Disposition, Requeue, Settler
 from .slots import Slots
+from .watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from ..app import App
     from ..backends.base import ResultBackend
-    from ..brokers.base import Consumer, Delivery
-    from ..task import Task
+    from ..brokers.base import Broker, Consumer, Delivery
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("aioqueue.worker")
-_short = reprlib.Repr()
-_short.maxstring = 80
-_short.maxother = 80
 
 _FETCH_WAIT = 5.0
 _MAX_FETCH_BATCH = 100
-_SETTLE_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
+_GIVE_BACK_TIMEOUT = 5.0
 
 
 class Worker:
@@ -91,6 +90,9 @@ class Worker:
         self.ready = asyncio.Event()
         """Set once the worker is connected and consuming: tests start on it."""
         self.processed = 0
+        """Messages settled with an outcome (run, failed, rejected) by this worker."""
+        self.returned = 0
+        """Messages given back to their queue unfinished."""
         self._slots = Slots(self.concurrency)
         self._runner = Runner(
             app,
@@ -99,14 +101,19 @@ class Worker:
             max_tasks_per_child=max_tasks_per_child or conf.worker_max_tasks_per_child,
         )
         self._running: set[asyncio.Task[None]] = set()
+        self._parked: dict[Delivery, asyncio.TimerHandle | None] = {}
+        self._resuming: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
         self._consumer: Consumer | None = None
-        self._backend: ResultBackend | None = None
-        self._tasks = app.tasks  # a live read-only view, made once rather than per message
-        self._joint_settle: Callable[..., Awaitable[bool]] | None = None
+        self._handler: Handler | None = None
+        self._settler: Settler | None = None
+        self._watchdog = LoopWatchdog(
+            ((name, task.fn) for name, task in app.tasks.items() if task.executor == "async"),
+            threshold=max(1.0, conf.worker_heartbeat_interval),
+        )
 
     def _default_queues(self) -> tuple[str, ...]:
         names = {t.queue for t in self.app.tasks.values() if t.queue}
@@ -116,12 +123,23 @@ class Worker:
 
     async def run(self) -> None:
         """Consume until ``stop()`` (or, in burst mode, until the queues are empty)."""
-        broker = await self.app.ready_broker()
-        self._backend = await self.app.ready_backend()
-        self._joint_settle = getattr(self._backend, "store_and_ack", None)
+        connected = await self._connect()
+        if connected is None:
+            return  # stopped before the broker came up
+        broker, backend = connected
+        joint = (
+            backend
+            if isinstance(backend, StoresWithAck) and backend.shares_server_with(broker)
+            else None
+        )
+        self._settler = Settler(backend, joint)
         await self._runner.start()
-        self._consumer = broker.consumer(self.queues, worker_id=self.id)
+        self._consumer = broker.consumer(
+            self.queues, worker_id=self.id, max_size=self.app.codec.max_size
+        )
+        self._handler = Handler(self.app, self._runner, backend, max_hold=self._consumer.max_hold)
         await self._consumer.start()
+        self._watchdog.start()
         log.info(
             "worker %s consuming %s from %s (concurrency %d)",
             self.id,
@@ -141,7 +159,29 @@ class Worker:
             consuming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consuming
+            self._watchdog.stop()
             await self._shutdown(self._consumer)
+
+    async def _connect(self) -> tuple[Broker, ResultBackend] | None:
+        """Connect, retrying with backoff while the broker or backend is not up yet.
+
+        Under docker-compose or Kubernetes a worker often starts before its broker: it waits,
+        saying so, instead of exiting. None if ``stop()`` came first.
+        """
+        delay = 0.5
+        while True:
+            try:
+                return await self.app.ready_broker(), await self.app.ready_backend()
+            except (BrokerConnectionError, ResultBackendError) as exc:
+                log.warning(
+                    "worker %s cannot connect yet: %s; retrying in %.1fs", self.id, exc, delay
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+            if self._stop.is_set():
+                return None
+            delay = min(delay * 2, 10.0)
 
     def stop(self, *, hurry: bool = False) -> None:
         """Stop fetching and drain; ``hurry=True`` cancels running tasks without a grace period."""
@@ -163,6 +203,7 @@ class Worker:
         await self._run_task
 
     async def _shutdown(self, consumer: Consumer) -> None:
+        await self._give_back_parked()
         if self._running:
             log.info("worker %s draining %d running task(s)", self.id, len(self._running))
             loop = asyncio.get_running_loop()
@@ -174,13 +215,34 @@ class Worker:
             drained.cancel()
             hurry.cancel()
         self._runner.begin_close()
+        unfinished = len(self._running)
         for task in list(self._running):
             task.cancel()
         if self._running:
             await asyncio.wait(set(self._running))
         await consumer.close()
         await self._runner.aclose()
-        log.info("worker %s stopped after %d task(s)", self.id, self.processed)
+        log.info(
+            "worker %s stopped: %d task(s) settled, %d returned to their queue",
+            self.id,
+            self.processed,
+            self.returned + unfinished,
+        )
+
+    async def _give_back_parked(self) -> None:
+        """Parked messages never ran: back to their queue as they were (bounded in time; what
+        cannot be given back now, the consumer's close returns)."""
+        for task in list(self._resuming):
+            task.cancel()
+        parked, self._parked = self._parked, {}
+        for handle in parked.values():
+            if handle is not None:
+                handle.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
+                for delivery in parked:
+                    await delivery.requeue(count_attempt=False)
+                    self.returned += 1
 
     # -- consuming ------------------------------------------------------------------------
 
@@ -206,15 +268,15 @@ class Worker:
             if len(deliveries) < held:
                 self._slots.release(held - len(deliveries))
             if not deliveries and self.burst:
-                if not self._running:
+                if not self._running and not self._parked:
                     return
                 await self._idle.wait()
                 continue
             for delivery in deliveries:
                 self._start(delivery)
 
-    def _start(self, delivery: Delivery) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(delivery))
+    def _start(self, delivery: Delivery, resumed: Park | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(delivery, resumed))
         self._running.add(task)
         self._idle.clear()
         task.add_done_callback(self._finished)
@@ -222,7 +284,6 @@ class Worker:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._slots.release()
-        self.processed += 1
         if not self._running:
             self._idle.set()
         if not task.cancelled() and task.exception() is not None:
@@ -230,181 +291,51 @@ class Worker:
 
     # -- one message ----------------------------------------------------------------------
 
-    async def _handle(self, delivery: Delivery) -> None:
-        started = time.perf_counter()
-        app = self.app
-        try:
-            message = app.codec.decode(delivery.body)
-        except AioQueueError as exc:
-            await self._reject(delivery, None, exc)
-            return
-        task = self._tasks.get(message.task)
-        if task is None:
-            error = TaskNotRegistered(
-                f"task {message.task!r} is not registered in app {app.name!r} "
-                f"(this worker knows {len(app.tasks)} task(s))"
-            )
-            await self._reject(delivery, message, error)
-            return
-        ttl = message.result_ttl or task.result_ttl or app.conf.result_ttl
-        if message.eta is not None or message.expires is not None:
-            expired = await self._honour_schedule(message)
-            if expired is not None:
-                raw = app.codec.encode_outcome(failure_outcome(message.id, expired))
-                await self._settle(delivery, message.id, message.reply_to, raw, ttl, None)
-                log.warning("%s[%s] discarded: %s", task.name, message.id, expired)
-                return
-        track = task.track_started if task.track_started is not None else app.conf.track_started
-        if not app.conf.acks_late:
-            await delivery.ack()  # at-most-once, as configured: a crash from here loses it
-        on_start = None
-        if track:
-            await self._store_state(message, States.RECEIVED, ttl)
-            on_start = _StateWriter(self, message, ttl)
-        outcome, bad_input = await execute(task, message, self._runner, on_start)
-        raw, bad_result = encode_or_fail(app, outcome)
-        reason = bad_input or bad_result
-        await self._settle(
-            delivery, message.id, message.reply_to, raw, ttl, reason, ack=app.conf.acks_late
-        )
-        self._log_outcome(task, message, outcome, reason, started)
-
-    @staticmethod
-    async def _honour_schedule(message: Message) -> TaskExpired | None:
-        """Wait for a future ``eta`` (holding the slot); an expired message is not run.
-
-        Senders cannot set these yet; a worker still obeys an envelope that carries them
-        rather than run a task early or late.
-        """
-        now = time.time()
-        if message.eta is not None and message.eta > now:
-            if message.expires is not None and message.expires < message.eta:
-                return TaskExpired(f"task {message.id} expires before its eta")
-            await asyncio.sleep(message.eta - now)
-            now = time.time()
-        if message.expires is not None and message.expires < now:
-            return TaskExpired(f"task {message.id} expired {now - message.expires:.3f}s ago")
-        return None
-
-    async def _store_state(self, message: Message, state: str, ttl: float) -> None:
-        assert self._backend is not None
-        raw = self.app.codec.encode_outcome(Outcome(message.id, state, date_done=None))
-        await self._backend.store_state(message.id, raw, ttl=ttl, reply_to=message.reply_to)
-
-    async def _settle(
-        self,
-        delivery: Delivery,
-        task_id: str | None,
-        reply_to: str | None,
-        raw: bytes | None,
-        ttl: float,
-        dead_reason: str | None,
-        *,
-        ack: bool = True,
-    ) -> None:
-        """Store the outcome, then ack; or, for bad input, dead-letter first, then store.
-
-        Dead-lettering first means a client that sees the FAILURE also finds the message kept.
-        Retries through short outages; if the broker or backend stays away, the message is left
-        unacked: it goes back to its queue at shutdown, or through another worker's sweep.
-        """
-        assert self._backend is not None
-        steps: list[Callable[[], Awaitable[None]]] = []
-        if dead_reason is not None:
-            steps.append(partial(delivery.dead_letter, dead_reason))
-        joint = self._joint_settle
-        if raw is not None and task_id is not None:
-            if dead_reason is None and ack and joint is not None:
-                steps.append(
-                    partial(self._store_and_ack, joint, delivery, task_id, raw, ttl, reply_to)
-                )
-                ack = False
-            else:
-                steps.append(partial(self._backend.store, task_id, raw, ttl=ttl, reply_to=reply_to))
-        if dead_reason is None and ack:
-            steps.append(delivery.ack)
-        delays = iter(_SETTLE_RETRY_DELAYS)
-        while steps:
+    async def _handle(self, delivery: Delivery, resumed: Park | None) -> None:
+        """Decide, then settle: exactly one disposition per delivery, whatever happens."""
+        assert self._handler is not None and self._settler is not None
+        decision: Disposition | Park
+        if resumed is not None and resumed.give_back:
+            decision = Requeue(count_attempt=False)
+        else:
             try:
-                await steps[0]()
-                del steps[0]
-            except AioQueueError as exc:
-                delay = next(delays, None)
-                if delay is None:
-                    log.error("could not settle %s: %s; leaving it unacked", delivery.queue, exc)
-                    return
-                log.warning("settling failed (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-
-    async def _store_and_ack(
-        self,
-        joint: Callable[..., Awaitable[bool]],
-        delivery: Delivery,
-        task_id: str,
-        raw: bytes,
-        ttl: float,
-        reply_to: str | None,
-    ) -> None:
-        """One round trip when backend and broker share a server, else store then ack."""
-        assert self._backend is not None
-        if not await joint(delivery, task_id, raw, ttl=ttl, reply_to=reply_to):
-            await self._backend.store(task_id, raw, ttl=ttl, reply_to=reply_to)
-            await delivery.ack()
-
-    async def _reject(self, delivery: Delivery, message: Message | None, error: Exception) -> None:
-        """Bad input: record FAILURE where an id is known, keep the raw message as a dead letter."""
-        task_id: str | None
-        if message is not None:
-            task_id, reply_to = message.id, message.reply_to
+                decision = await self._handler.decide(delivery, due=resumed is not None)
+            except Exception:
+                # A bug of ours (or of a hook) must not strand the message: it goes back with
+                # its attempt raised, so max_attempts ends the loop if it keeps happening.
+                log.exception("handling a message on %s failed; giving it back", delivery.queue)
+                decision = Requeue(count_attempt=True)
+        if isinstance(decision, Park):
+            self._park(delivery, decision)
+            return
+        await self._settler.settle(delivery, decision)
+        if isinstance(decision, Requeue):
+            self.returned += 1
         else:
-            task_id, reply_to = self.app.codec.peek_address(delivery.body)
-        reason = f"{type(error).__name__}: {error}"
-        raw = None
-        if task_id is not None:
-            raw = self.app.codec.encode_outcome(failure_outcome(task_id, error))
-        ttl = (message.result_ttl if message else None) or self.app.conf.result_ttl
-        await self._settle(delivery, task_id, reply_to, raw, ttl, reason)
-        log.error("rejected a message on %s to the dead letters: %s", delivery.queue, reason)
+            self.processed += 1
 
-    def _log_outcome(
-        self,
-        task: Task[Any, Any],
-        message: Message,
-        outcome: Outcome,
-        reason: str | None,
-        started: float,
-    ) -> None:
-        elapsed = (time.perf_counter() - started) * 1000
-        if outcome.state == States.SUCCESS and reason is None:
-            if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "%s[%s] succeeded in %.1f ms: %s",
-                    task.name,
-                    message.id,
-                    elapsed,
-                    _short.repr(outcome.result),
-                )
-        else:
-            log.error(
-                "%s[%s] failed in %.1f ms: %s: %s%s",
-                task.name,
-                message.id,
-                elapsed,
-                outcome.exc_type,
-                outcome.exc_message,
-                " (dead-lettered)" if reason else "",
-            )
+    def _park(self, delivery: Delivery, park: Park) -> None:
+        """Free the slot, keep the delivery, and come back to it at ``park.until``."""
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, park.until - time.time())
+        self._parked[delivery] = loop.call_later(delay, self._unpark, delivery, park)
 
+    def _unpark(self, delivery: Delivery, park: Park) -> None:
+        if delivery not in self._parked:
+            return
+        self._parked[delivery] = None  # still ours to give back until it has a slot again
+        task = asyncio.get_running_loop().create_task(self._resume(delivery, park))
+        self._resuming.add(task)
+        task.add_done_callback(self._resuming.discard)
 
-class _StateWriter:
-    """The on_start callback: records STARTED when a thread or child takes the task."""
+    async def _resume(self, delivery: Delivery, park: Park) -> None:
+        await self._slots.acquire()
+        if self._parked.pop(delivery, False) is False:
+            self._slots.release()  # given back by a shutdown meanwhile
+            return
+        self._start(delivery, park)
 
-    __slots__ = ("_message", "_ttl", "_worker")
-
-    def __init__(self, worker: Worker, message: Message, ttl: float) -> None:
-        self._worker = worker
-        self._message = message
-        self._ttl = ttl
-
-    async def __call__(self) -> None:
-        await self._worker._store_state(self._message, States.STARTED, self._ttl)
+    @property
+    def parked(self) -> int:
+        """Messages held for a future eta, not occupying a slot."""
+        return len(self._parked)

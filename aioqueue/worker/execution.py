@@ -95,14 +95,18 @@ async def execute(
     return Outcome(message.id, States.SUCCESS, value, date_done=time.time()), None
 
 
-def encode_or_fail(app: App, outcome: Outcome) -> tuple[bytes, str | None]:
-    """Encode an outcome; an unencodable result becomes a FAILURE saying so, and a reason."""
+def encode_or_fail(app: App, outcome: Outcome) -> tuple[bytes, Outcome, str | None]:
+    """Encode an outcome: (bytes, the outcome they record, why the message is bad or None).
+
+    An unencodable result becomes a FAILURE saying so; the recorded outcome is that FAILURE, so
+    the log line names the real error rather than the SUCCESS that could not be kept.
+    """
     try:
-        return app.codec.encode_outcome(outcome), None
+        return app.codec.encode_outcome(outcome), outcome, None
     except SerializationError as exc:
         reason = f"result of {outcome.task_id} cannot be serialized: {exc}"
         failure = failure_outcome(outcome.task_id, SerializationError(reason))
-        return app.codec.encode_outcome(failure), reason
+        return app.codec.encode_outcome(failure), failure, reason
 
 
 async def execute_eagerly(app: App, task: Task[Any, Any], message: Message) -> Outcome:
@@ -113,5 +117,5 @@ async def execute_eagerly(app: App, task: Task[Any, Any], message: Message) -> O
     runner = Runner(app, threads=None, processes=0)  # anyio's default thread limiter
     encoded_message = app.codec.decode(app.codec.encode(message))
     outcome, _ = await execute(task, encoded_message, runner)
-    raw, _ = encode_or_fail(app, outcome)
+    raw, _, _ = encode_or_fail(app, outcome)
     return app.codec.decode_outcome(raw)
