@@ -121,9 +121,29 @@ class App:
     @property
     def backend(self) -> ResultBackend:
         if self._backend is None:
-            url = self.conf.result_backend or _default_backend_url(self.conf.broker_url)
-            self._backend = build_backend(url, self.conf, self.name)
+            self._backend = build_backend(self._backend_url(), self.conf, self.name)
         return self._backend
+
+    def _backend_url(self) -> str:
+        """The configured backend, else the one that goes with the broker.
+
+        A broker instance does not say where results belong (``broker_url`` is not its URL),
+        and results kept in this process's memory would silently never reach a worker in
+        another one: only a MemoryBroker instance gets a memory backend by default.
+        """
+        if self.conf.result_backend:
+            return self.conf.result_backend
+        if self._own_broker:
+            return _default_backend_url(self.conf.broker_url)
+        from .brokers.memory import MemoryBroker
+
+        if isinstance(self._broker, MemoryBroker):
+            return "memory://"
+        raise ConfigurationError(
+            f"app {self.name!r} was given a broker instance ({type(self._broker).__name__}) "
+            "but no result backend: pass backend= (a URL such as 'redis://host/0' or a backend "
+            "instance) or set result_backend"
+        )
 
     # -- registry -----------------------------------------------------------------------
 
@@ -263,7 +283,7 @@ class App:
         # again on next use. Memory transports keep their state (it *is* the queue).
         if self._own_broker and not self.conf.broker_url.startswith("memory"):
             self._broker = None
-        if self._own_backend and not self.backend.url.startswith("memory"):
+        if self._own_backend and backend is not None and not backend.url.startswith("memory"):
             self._backend = None
 
     async def __aenter__(self) -> App:
