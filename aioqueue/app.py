@@ -14,14 +14,14 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from .config import Config, mask_url
 from .connections import build_backend, build_broker
 from .errors import ConfigurationError, TaskNotRegistered
 from .message import Message, MessageCodec
 from .result import AsyncResult, EagerResult
-from .task import Executor, SendOptions, Signature, Task, make_send_options
+from .task import Executor, SendOptions, Signature, Task, check_result_ttl, make_send_options
 
 if TYPE_CHECKING:
     from .backends.base import ResultBackend
@@ -73,6 +73,7 @@ class App:
         if isinstance(backend, str):
             config["result_backend"] = backend
         self.conf.update(config)
+        self._check_conf()
         self._broker: Broker | None = None if isinstance(broker, str | None) else broker
         self._backend: ResultBackend | None = None if isinstance(backend, str | None) else backend
         self._own_broker = self._broker is None
@@ -92,7 +93,12 @@ class App:
         """Apply settings from a module, class, mapping or ``"package.module"`` path."""
         self._ensure_unconnected()
         self.conf.from_object(obj)
+        self._check_conf()
         self._codec = None
+
+    def _check_conf(self) -> None:
+        """Settings the app itself depends on, checked when set rather than at first use."""
+        self.conf.result_ttl = check_result_ttl(self.conf.result_ttl, "setting result_ttl")
 
     def _ensure_unconnected(self) -> None:
         if self._broker_ready or self._backend_ready:
@@ -115,9 +121,29 @@ class App:
     @property
     def backend(self) -> ResultBackend:
         if self._backend is None:
-            url = self.conf.result_backend or _default_backend_url(self.conf.broker_url)
-            self._backend = build_backend(url, self.conf, self.name)
+            self._backend = build_backend(self._backend_url(), self.conf, self.name)
         return self._backend
+
+    def _backend_url(self) -> str:
+        """The configured backend, else the one that goes with the broker.
+
+        A broker instance does not say where results belong (``broker_url`` is not its URL),
+        and results kept in this process's memory would silently never reach a worker in
+        another one: only a MemoryBroker instance gets a memory backend by default.
+        """
+        if self.conf.result_backend:
+            return self.conf.result_backend
+        if self._own_broker:
+            return _default_backend_url(self.conf.broker_url)
+        from .brokers.memory import MemoryBroker
+
+        if isinstance(self._broker, MemoryBroker):
+            return "memory://"
+        raise ConfigurationError(
+            f"app {self.name!r} was given a broker instance ({type(self._broker).__name__}) "
+            "but no result backend: pass backend= (a URL such as 'redis://host/0' or a backend "
+            "instance) or set result_backend"
+        )
 
     # -- registry -----------------------------------------------------------------------
 
@@ -127,6 +153,21 @@ class App:
     @overload
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
+    # Listed first so a literal "async" picks it; mypy flags its overlap with the general form
+    # below, which is intended: "async" narrows the decorator to coroutine functions.
+    @overload
+    def task(  # type: ignore[overload-overlap]
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        executor: Literal["async"],
+        result_ttl: float | None = None,
+        track_started: bool | None = None,
+    ) -> _AsyncTaskDecorator: ...
+
     @overload
     def task(
         self,
@@ -135,7 +176,7 @@ class App:
         *,
         name: str | None = None,
         queue: str | None = None,
-        executor: Executor = "async",
+        executor: Executor | None = None,
         result_ttl: float | None = None,
         track_started: bool | None = None,
     ) -> _TaskDecorator: ...
@@ -147,11 +188,15 @@ class App:
         *,
         name: str | None = None,
         queue: str | None = None,
-        executor: Executor = "async",
+        executor: Executor | None = None,
         result_ttl: float | None = None,
         track_started: bool | None = None,
-    ) -> Task[Any, Any] | _TaskDecorator:
-        """Register a function as a task: ``@app.task`` or ``@app.task(executor="thread")``."""
+    ) -> Task[Any, Any] | _TaskDecorator | _AsyncTaskDecorator:
+        """Register a function as a task: ``@app.task`` or ``@app.task(queue="high")``.
+
+        Coroutine functions run on the worker's event loop, plain functions on its thread pool
+        unless ``executor="process"``; ``executor="async"`` for a plain function is refused.
+        """
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:
             task_name = name or task_name_for(func)
@@ -173,6 +218,8 @@ class App:
 
         if fn is not None:
             return register(fn)
+        if executor == "async":
+            return _AsyncTaskDecorator(register)
         return _TaskDecorator(register)
 
     @property
@@ -236,7 +283,7 @@ class App:
         # again on next use. Memory transports keep their state (it *is* the queue).
         if self._own_broker and not self.conf.broker_url.startswith("memory"):
             self._broker = None
-        if self._own_backend and not self.backend.url.startswith("memory"):
+        if self._own_backend and backend is not None and not backend.url.startswith("memory"):
             self._backend = None
 
     async def __aenter__(self) -> App:
@@ -403,6 +450,17 @@ class _TaskDecorator:
     def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
     def __call__(self, fn: Callable[..., Any], /) -> Task[Any, Any]:
+        return self._register(fn)
+
+
+class _AsyncTaskDecorator:
+    """What ``@app.task(executor="async", ...)`` returns: takes coroutine functions only, so
+    mypy rejects a plain function there as the runtime does."""
+
+    def __init__(self, register: Callable[[Callable[..., Any]], Task[Any, Any]]) -> None:
+        self._register = register
+
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]:
         return self._register(fn)
 
 

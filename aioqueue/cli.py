@@ -9,12 +9,15 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import AioQueueError, ConfigurationError
 from .loader import load_app
+
+if TYPE_CHECKING:
+    from .worker import Worker
 
 __all__ = ["main"]
 
@@ -69,7 +72,7 @@ def _configure_logging(level: str) -> None:
     )
 
 
-async def _run_worker(args: argparse.Namespace) -> int:
+async def _run_worker(args: argparse.Namespace, started: list[Worker]) -> int:
     app = load_app(args.app)
     worker = app.worker(
         concurrency=args.concurrency,
@@ -80,6 +83,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
         burst=args.burst,
         shutdown_timeout=args.shutdown_timeout,
     )
+    started.append(worker)
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -123,25 +127,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(load_app(args.app).conf.humanize())
         return 0
     _configure_logging(args.loglevel)
+    started: list[Worker] = []  # the worker, once built, for its count of running threads
     try:
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
-            code = runner.run(_run_worker(args))
+            code = runner.run(_run_worker(args, started))
     except AioQueueError as exc:
         log.error("%s", exc)
-        return 2
-    _exit_past_abandoned_threads(code)
+        code = 2
+    if started:
+        _exit_past_abandoned_threads(code, started[0].abandoned_threads)
     return code
 
 
-def _exit_past_abandoned_threads(code: int) -> None:
-    """Exit now even if a thread task outlived the shutdown grace period.
+def _exit_past_abandoned_threads(code: int, running: int) -> None:
+    """Exit now if thread tasks outlived the shutdown grace period, else return normally.
 
-    Its message is already back in its queue; Python would otherwise wait for the thread at
-    interpreter exit, for as long as the task cares to run.
+    Their messages are already back in their queues; Python would otherwise wait for those
+    threads at interpreter exit, for as long as the tasks care to run. ``os._exit`` skips
+    atexit handlers (Sentry, OpenTelemetry flush there), so it is used only when a task's
+    function is really still running: anyio's idle pool threads end by themselves.
     """
-    stuck = [t for t in threading.enumerate() if t.is_alive() and not t.daemon]
-    if any(t is not threading.main_thread() for t in stuck):
-        log.warning("abandoning %d thread task(s) still running", len(stuck) - 1)
+    if running > 0:
+        log.warning("abandoning %d thread task(s) still running", running)
         logging.shutdown()
         os._exit(code)
 

@@ -19,6 +19,14 @@ Envelope, version 1 (a JSON object; absent keys mean their default)::
     result_ttl  float | null      seconds to keep the outcome (null: the app default)
     sent_at     float             unix time of sending
 
+Decoding checks every field above and raises :class:`ProtocolError` naming the first bad one:
+strings must be strings (``id``, ``task`` and ``queue`` non-empty), ``headers`` and ``kwargs``
+objects, ``args`` a list; unix times are numbers from 0 to :data:`MAX_UNIX_TIME`, and
+``result_ttl`` a number above 0 and at most :data:`MAX_RESULT_TTL` (ten years). Booleans are not
+numbers here. Unknown keys are ignored, so a newer sender may add fields. A bad message then
+fails at decode, where the worker records a FAILURE and dead-letters it, instead of crashing
+the handler later and being redelivered to crash again.
+
 The envelope itself is always JSON so any worker can read who a message is for, even one that
 does not accept the payload's serializer: it can then record a precise FAILURE instead of
 dropping bytes it does not understand.
@@ -27,6 +35,7 @@ dropping bytes it does not understand.
 from __future__ import annotations
 
 import base64
+import reprlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -36,10 +45,61 @@ import orjson
 from .errors import MessageTooLarge, ProtocolError, SerializationError
 from .serializers import JSON, JSON_OPTIONS, Serializer, get_serializer, json_default
 
-__all__ = ["ENVELOPE_VERSION", "Message", "MessageCodec", "Outcome", "States"]
+__all__ = [
+    "ENVELOPE_VERSION",
+    "MAX_RESULT_TTL",
+    "MAX_UNIX_TIME",
+    "Message",
+    "MessageCodec",
+    "Outcome",
+    "States",
+    "is_valid_ttl",
+]
 
 ENVELOPE_VERSION: Final = 1
 DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
+MAX_RESULT_TTL: Final = 10 * 365 * 24 * 3600.0
+"""Longest result TTL (ten years, in seconds). Redis refuses a PX beyond about 9.2e18 ms less
+the current time; staying far below it means a TTL we accept is a TTL every backend stores."""
+MAX_UNIX_TIME: Final = 253402300799.0
+"""9999-12-31T23:59:59Z, the last second a ``datetime`` holds: the bound of eta/expires/sent_at."""
+
+_short = reprlib.Repr()
+_short.maxstring = 40
+_short.maxother = 40
+_short.maxlevel = 2
+
+
+def is_valid_ttl(value: object) -> bool:
+    """True for a result TTL every backend stores: a number above 0, at most MAX_RESULT_TTL.
+
+    The chained comparison is also False for NaN and for infinities.
+    """
+    return (type(value) is float or type(value) is int) and 0 < value <= MAX_RESULT_TTL
+
+
+def _field_error(name: str, value: object, expected: str) -> ProtocolError:
+    return ProtocolError(f"message field {name!r} must be {expected}, not {_short.repr(value)}")
+
+
+def _unix_time(data: dict[str, Any], name: str) -> float | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if (type(value) is float or type(value) is int) and 0 <= value <= MAX_UNIX_TIME:
+        return float(value)
+    raise _field_error(name, value, f"a unix time (a number from 0 to {MAX_UNIX_TIME:.0f})")
+
+
+def _optional_str(data: dict[str, Any], name: str, label: str | None = None) -> str | None:
+    value = data.get(name)
+    if value is None or type(value) is str:
+        return value
+    raise _field_error(label or name, value, "a string or null")
+
+
+_ABSENT: Final = object()
+_TTL_EXPECTED: Final = f"a number of seconds above 0, at most {MAX_RESULT_TTL:.0f}"
 
 
 class States:
@@ -141,26 +201,61 @@ class MessageCodec:
         return self._dump_checked(data, what=f"message for task {message.task!r}")
 
     def decode(self, body: bytes) -> Message:
-        data = self._load_checked(body)
-        for key in ("id", "task", "queue"):
-            if not isinstance(data.get(key), str):
-                raise ProtocolError(f"message has no valid {key!r} field")
-        args, kwargs = self._take_payload(data, ("args", "kwargs"), ([], {}))
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise ProtocolError("message args must be a list and kwargs an object")
-        headers = data.get("headers") or {}
-        if not isinstance(headers, dict):
-            raise ProtocolError("message headers must be an object")
+        """The Message in ``body``; any bad field raises ProtocolError (or SerializationError)."""
+        return self.decode_fields(self._load_checked(body))
+
+    def decode_fields(self, data: dict[str, Any]) -> Message:
+        """Check every envelope field of an already parsed body and build the Message.
+
+        One pass of type checks (``type(x) is str`` is cheaper than ``isinstance``, and bools
+        are not numbers); nothing raises on the happy path.
+        """
+        get = data.get
+        id_, task, queue = get("id"), get("task"), get("queue")
+        if type(id_) is not str or not id_:
+            raise _field_error("id", id_, "a non-empty string")
+        if type(task) is not str or not task:
+            raise _field_error("task", task, "a non-empty string")
+        if type(queue) is not str or not queue:
+            raise _field_error("queue", queue, "a non-empty string")
+        args, kwargs = self._arguments(data)
+        headers = get("headers")
+        if headers is None:
+            headers = {}
+        elif type(headers) is not dict:
+            raise _field_error("headers", headers, "an object or null")
+        result_ttl = get("result_ttl")
+        if result_ttl is not None and not is_valid_ttl(result_ttl):
+            raise _field_error("result_ttl", result_ttl, _TTL_EXPECTED)
         return Message(
-            id=data["id"],
-            task=data["task"],
-            queue=data["queue"],
-            args=tuple(args),
+            id=id_,
+            task=task,
+            queue=queue,
+            args=args,
             kwargs=kwargs,
             headers=headers,
-            sent_at=float(data.get("sent_at") or 0.0),
-            **{name: data.get(name) for name in _OPTIONAL_FIELDS},
+            eta=_unix_time(data, "eta"),
+            expires=_unix_time(data, "expires"),
+            parent_id=_optional_str(data, "parent_id"),
+            root_id=_optional_str(data, "root_id"),
+            reply_to=_optional_str(data, "reply_to"),
+            result_ttl=result_ttl,
+            sent_at=_unix_time(data, "sent_at") or 0.0,
         )
+
+    def _arguments(self, data: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        content_type = data.get("ct")
+        if content_type is None or content_type == "json":
+            args, kwargs = data.get("args", ()), data.get("kwargs", _ABSENT)
+            if kwargs is _ABSENT:
+                kwargs = {}
+        else:
+            args, kwargs = self._take_payload(data, content_type, 2)
+        if type(args) is not list and type(args) is not tuple:
+            raise _field_error("args", args, "a list")
+        if type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+            raise _field_error("kwargs", kwargs, "an object with string keys")
+        return tuple(args), kwargs
 
     # -- outcomes -----------------------------------------------------------------------
 
@@ -183,24 +278,44 @@ class MessageCodec:
         return self._dump_checked(data, what=f"result of task {outcome.task_id}")
 
     def decode_outcome(self, body: bytes) -> Outcome:
+        """The Outcome in ``body``; a bad field raises ProtocolError (or SerializationError)."""
         data = self._load_checked(body)
-        exc = data.get("exc")
-        if isinstance(exc, dict):
-            return Outcome(
-                task_id=str(data.get("id")),
-                state=str(data.get("state")),
-                exc_type=str(exc.get("type")),
-                exc_message=str(exc.get("message")),
-                exc_args=tuple(exc.get("args") or ()),
-                traceback=exc.get("traceback"),
-                date_done=data.get("date_done"),
-            )
-        (result,) = self._take_payload(data, ("result",), (None,))
+        get = data.get
+        task_id, state = get("id"), get("state")
+        if type(task_id) is not str:
+            raise _field_error("id", task_id, "a string")
+        if type(state) is not str or not state:
+            raise _field_error("state", state, "a non-empty string")
+        date_done = _unix_time(data, "date_done")
+        exc = get("exc")
+        if exc is not None:
+            return self._failure(task_id, state, date_done, exc)
+        content_type = get("ct")
+        if content_type is None or content_type == "json":
+            result = get("result")
+        else:
+            (result,) = self._take_payload(data, content_type, 1)
+        return Outcome(task_id=task_id, state=state, result=result, date_done=date_done)
+
+    @staticmethod
+    def _failure(task_id: str, state: str, date_done: float | None, exc: object) -> Outcome:
+        if type(exc) is not dict:
+            raise _field_error("exc", exc, "an object or null")
+        exc_type, args = exc.get("type"), exc.get("args")
+        if type(exc_type) is not str or not exc_type:
+            raise _field_error("exc.type", exc_type, "a non-empty string")
+        if args is None:
+            args = ()
+        elif type(args) is not list:
+            raise _field_error("exc.args", args, "a list or null")
         return Outcome(
-            task_id=str(data.get("id")),
-            state=str(data.get("state")),
-            result=result,
-            date_done=data.get("date_done"),
+            task_id=task_id,
+            state=state,
+            exc_type=exc_type,
+            exc_message=_optional_str(exc, "message", "exc.message"),
+            exc_args=tuple(args),
+            traceback=_optional_str(exc, "traceback", "exc.traceback"),
+            date_done=date_done,
         )
 
     def peek_address(self, body: bytes) -> tuple[str | None, str | None]:
@@ -216,8 +331,8 @@ class MessageCodec:
             return None, None
         task_id, reply_to = data.get("id"), data.get("reply_to")
         return (
-            task_id if isinstance(task_id, str) else None,
-            reply_to if isinstance(reply_to, str) else None,
+            task_id if type(task_id) is str and task_id else None,
+            reply_to if type(reply_to) is str else None,
         )
 
     # -- helpers ------------------------------------------------------------------------
@@ -232,28 +347,27 @@ class MessageCodec:
         data["ct"] = self._serializer.name
         data["payload"] = base64.b64encode(self._serializer.dumps(value)).decode("ascii")
 
-    def _take_payload(
-        self, data: dict[str, Any], keys: tuple[str, ...], defaults: tuple[Any, ...]
-    ) -> tuple[Any, ...]:
-        content_type = data.get("ct", "json")
-        if content_type == "json":
-            return tuple(data.get(k, d) for k, d in zip(keys, defaults, strict=True))
+    def _take_payload(self, data: dict[str, Any], content_type: object, count: int) -> Any:
+        """Decode the base64 ``payload`` of a non-JSON content type: ``count`` values."""
+        if type(content_type) is not str:
+            raise _field_error("ct", content_type, "a string")
         serializer = self._accept.get(content_type)
         if serializer is None:
             raise ProtocolError(
-                f"content type {content_type!r} is not accepted (accept_content="
+                f"message field 'ct': content type {_short.repr(content_type)} is not accepted "
+                f"(accept_content="
                 f"{sorted(self._accept)}); refusing to decode it"
             )
         try:
             raw = base64.b64decode(data["payload"], validate=True)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError("message payload is missing or not base64") from exc
+            raise ProtocolError("message field 'payload' is missing or not base64") from exc
         value = serializer.loads(raw)
-        if len(keys) == 1:
+        if count == 1:
             return (value,)
-        if not isinstance(value, list | tuple) or len(value) != len(keys):
-            raise ProtocolError("message payload has the wrong shape")
-        return tuple(value)
+        if (type(value) is not list and type(value) is not tuple) or len(value) != count:
+            raise ProtocolError("message field 'payload' has the wrong shape")
+        return value
 
     def _dump_checked(self, data: dict[str, Any], *, what: str) -> bytes:
         try:
@@ -276,7 +390,7 @@ class MessageCodec:
         if not isinstance(data, dict):
             raise ProtocolError("message is not a JSON object")
         version = data.get("v")
-        if version != ENVELOPE_VERSION:
+        if type(version) is not int or version != ENVELOPE_VERSION:
             raise ProtocolError(
                 f"unknown envelope version {version!r} (this aioqueue reads {ENVELOPE_VERSION})"
             )

@@ -9,18 +9,19 @@ collide with the task's own keyword arguments.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeAlias, TypeVar
 
 from .errors import ConfigurationError
+from .message import MAX_RESULT_TTL, is_valid_ttl
 from .result import AsyncResult, EagerResult
 
 if TYPE_CHECKING:
     from .app import App
 
-__all__ = ["Executor", "SendOptions", "Signature", "Task", "TaskOptions"]
+__all__ = ["Executor", "SendOptions", "Signature", "Task", "TaskOptions", "check_result_ttl"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -44,14 +45,48 @@ class SendOptions:
 _SEND_OPTION_NAMES = frozenset(SendOptions.__dataclass_fields__)
 
 
+def check_result_ttl(value: Any, what: str = "result_ttl") -> float:
+    """The TTL as a float, or ConfigurationError naming the value: 0 < ttl <= 10 years.
+
+    Checked where it is set, so a TTL a backend would refuse (Redis rejects a huge PX) never
+    reaches a worker, which could then not store the outcome.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        ttl = float(value)
+        if is_valid_ttl(ttl):
+            return ttl
+    raise ConfigurationError(
+        f"{what} must be a number of seconds above 0 and at most {MAX_RESULT_TTL:.0f} "
+        f"(ten years), not {value!r}"
+    )
+
+
+def _check_send_options(options: dict[str, Any]) -> dict[str, Any]:
+    for name in ("task_id", "queue", "parent_id", "root_id"):
+        value = options.get(name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigurationError(
+                f"send option {name} must be a non-empty string, not {value!r}"
+            )
+    headers = options.get("headers")
+    if headers is not None and not isinstance(headers, Mapping):
+        kind = type(headers).__name__  # not the value: misplaced headers may hold a token
+        raise ConfigurationError(f"send option headers must be a mapping, not a {kind}")
+    if options.get("result_ttl") is not None:
+        options["result_ttl"] = check_result_ttl(options["result_ttl"], "send option result_ttl")
+    return options
+
+
 def make_send_options(base: SendOptions, options: dict[str, Any]) -> SendOptions:
+    """``base`` with ``options`` applied, each checked here: before any I/O, at ``options()``."""
     unknown = set(options) - _SEND_OPTION_NAMES
     if unknown:
         raise ConfigurationError(
             f"unknown send option(s) {sorted(unknown)}; known: {sorted(_SEND_OPTION_NAMES)}"
         )
+    options = _check_send_options(dict(options))
     if "headers" in options:
-        options = {**options, "headers": {**base.headers, **(options["headers"] or {})}}
+        options["headers"] = {**base.headers, **(options["headers"] or {})}
     return replace(base, **options)
 
 
@@ -62,6 +97,32 @@ def is_async_callable(fn: Any) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
     )
+
+
+def _choose_executor(name: str, fn: Callable[..., Any], executor: Executor | None) -> Executor:
+    """Decided once, at registration: coroutine functions await on the loop, the rest offload.
+
+    A plain function on the event loop would block every other task and the heartbeat, then
+    fail when its return value is awaited; so ``None`` means "thread" for it, and asking for
+    "async" is refused.
+    """
+    if executor is not None and executor not in EXECUTORS:
+        raise ConfigurationError(f"executor must be one of {EXECUTORS}, not {executor!r}")
+    if is_async_callable(fn):
+        if executor not in (None, "async"):
+            raise ConfigurationError(
+                f"task {name!r} is a coroutine function; executor={executor!r} is for sync "
+                "functions (an async task already runs on the worker's event loop)"
+            )
+        return "async"
+    if executor == "async":
+        raise ConfigurationError(
+            f"task {name!r} is a plain function: it would block the worker's event loop. Use "
+            'executor="thread" (the default for plain functions) or executor="process"; if it '
+            "returns an awaitable, make it an async def or mark it with "
+            "inspect.markcoroutinefunction"
+        )
+    return executor or "thread"
 
 
 def _signature(fn: Callable[..., Any]) -> inspect.Signature:
@@ -82,24 +143,18 @@ class Task(Generic[P, R]):
         *,
         name: str,
         queue: str | None,
-        executor: Executor,
+        executor: Executor | None,
         result_ttl: float | None,
         track_started: bool | None,
     ) -> None:
-        if executor not in EXECUTORS:
-            raise ConfigurationError(f"executor must be one of {EXECUTORS}, not {executor!r}")
-        is_async = is_async_callable(fn)
-        if is_async and executor != "async":
-            raise ConfigurationError(
-                f"task {name!r} is a coroutine function; executor={executor!r} is for sync "
-                "functions (an async task already runs on the worker's event loop)"
-            )
+        self.executor: Executor = _choose_executor(name, fn, executor)
         self.app = app
         self.fn = fn
         self.name = name
         self.queue = queue
-        self.executor: Executor = executor if not is_async else "async"
-        self.result_ttl = result_ttl
+        self.result_ttl = (
+            None if result_ttl is None else check_result_ttl(result_ttl, f"result_ttl of {name!r}")
+        )
         self.track_started = track_started
         self.signature = _signature(fn)
         self.__doc__ = fn.__doc__

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from aioqueue import ConfigurationError
+from aioqueue import ConfigurationError, cli
 from aioqueue.cli import _loop_factory, main
 
 
@@ -37,3 +37,15 @@ def test_bad_concurrency_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["worker", "examples.proj:app", "--concurrency", "0"])
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_os_exit_only_when_thread_tasks_still_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: None)
+    cli._exit_past_abandoned_threads(0, 0)
+    assert exits == [] and "abandoning" not in caplog.text
+    cli._exit_past_abandoned_threads(1, 2)
+    assert exits == [1] and "abandoning 2 thread task(s) still running" in caplog.text

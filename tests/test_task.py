@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import re
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
+from conftest import running_worker
 
 from aioqueue import App, ConfigurationError, InvalidArguments, States, TaskNotRegistered
+from aioqueue.message import MAX_RESULT_TTL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,6 +91,45 @@ def test_async_function_cannot_ask_for_a_thread() -> None:
         app.task(executor="gpu")(lambda: None)  # type: ignore[call-overload]
 
 
+def test_plain_function_defaults_to_the_thread_executor() -> None:
+    app = App("default-exec")
+
+    @app.task
+    def blocking(x: int) -> int:
+        return x
+
+    @app.task(queue="q")
+    def also_blocking() -> None: ...
+
+    @app.task
+    async def nonblocking() -> None: ...
+
+    assert blocking.executor == "thread" and also_blocking.executor == "thread"
+    assert nonblocking.executor == "async"
+
+
+def test_plain_function_cannot_ask_for_the_event_loop() -> None:
+    app = App("exec-async")
+    with pytest.raises(ConfigurationError, match=r'executor="thread".*executor="process"'):
+
+        @app.task(executor="async")  # type: ignore[arg-type]
+        def wrong() -> int:
+            return 1
+
+
+async def test_plain_function_task_runs_on_a_worker_thread() -> None:
+    app = App("sync-default")
+
+    @app.task
+    def where(x: int) -> list[object]:
+        return [x, threading.current_thread() is not threading.main_thread()]
+
+    async with running_worker(app):
+        result = await where.send(7)
+        assert await result.get(timeout=5) == [7, True]
+    assert await (await where.apply(8)).get() == [8, True]
+
+
 def test_unknown_send_option_is_an_error() -> None:
     app = App("opts")
 
@@ -143,6 +187,66 @@ async def test_apply_uses_the_worker_path() -> None:
         await bad.get()
 
 
+def test_mypy_types_sync_and_async_tasks(tmp_path: Path) -> None:
+    """A sync fn gives Task[P, R]; an async fn Task[P, R] with R the awaited type; a plain
+    function given executor="async" is a type error as well as a runtime one."""
+    from mypy import api
+
+    snippet = tmp_path / "typed_exec.py"
+    snippet.write_text(
+        textwrap.dedent(
+            """
+            from aioqueue import App, Task
+
+            app = App("typed")
+
+            @app.task
+            def plain(x: int) -> str:
+                return str(x)
+
+            @app.task(queue="q")
+            def plain_opts(x: int) -> str:
+                return str(x)
+
+            @app.task
+            async def coro(x: int) -> bytes:
+                return b""
+
+            @app.task(executor="async", queue="q")
+            async def coro_opts(x: int) -> bytes:
+                return b""
+
+            @app.task(executor="thread")
+            def threaded(x: int) -> float:
+                return 1.0
+
+            a: Task[[int], str] = plain
+            b: Task[[int], str] = plain_opts
+            c: Task[[int], bytes] = coro
+            d: Task[[int], bytes] = coro_opts
+            e: Task[[int], float] = threaded
+
+            async def use() -> None:
+                s: str = await (await plain.send(1)).get()
+                y: bytes = await (await coro.send(1)).get()
+
+            @app.task(executor="async")
+            def on_the_loop(x: int) -> int:
+                return x
+            """
+        )
+    )
+    out, _, status = api.run(
+        ["--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(snippet)]
+    )
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert status == 1, out
+    assert len(errors) == 1, out
+    line = snippet.read_text().splitlines().index("def on_the_loop(x: int) -> int:")
+    assert f"typed_exec.py:{line}: error:" in errors[0], out  # the decorator's line
+    assert '"_AsyncTaskDecorator" has incompatible type "Callable[[int], int]"' in errors[0], out
+
+
 def test_mypy_rejects_wrong_argument_types(tmp_path: Path) -> None:
     from mypy import api
 
@@ -179,3 +283,61 @@ def test_mypy_rejects_wrong_argument_types(tmp_path: Path) -> None:
     assert len(errors) == 2, out
     assert 'Argument 1 to "send" of "Task" has incompatible type "str"' in errors[0]
     assert '"send" of "TaskOptions" has incompatible type "str"' in errors[1]
+
+
+BAD_TTLS = ["60", 0, -1, math.nan, math.inf, 1e300, True, [60]]
+
+
+@pytest.mark.parametrize("ttl", BAD_TTLS, ids=repr)
+def test_bad_result_ttl_is_refused_before_sending(ttl: object) -> None:
+    app = App("ttl")
+
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    shown = re.escape(repr(ttl))
+    with pytest.raises(ConfigurationError, match=rf"result_ttl.*{shown}"):
+        add.options(result_ttl=ttl)
+    with pytest.raises(ConfigurationError, match=rf"result_ttl.*{shown}"):
+        add.s(1, 2).set(result_ttl=ttl)
+    with pytest.raises(ConfigurationError, match=rf"result_ttl.*{shown}"):
+        app.task(result_ttl=ttl)(add.fn)  # type: ignore[call-overload]
+    with pytest.raises(ConfigurationError, match=rf"result_ttl.*{shown}"):
+        App("ttl", result_ttl=ttl)
+    with pytest.raises(ConfigurationError, match=rf"result_ttl.*{shown}"):
+        App("ttl").config_from_object({"result_ttl": ttl})
+
+
+async def test_bad_send_options_fail_before_any_io() -> None:
+    app = App("opts-io", broker="redis://127.0.0.1:1/0")  # nothing listens: I/O would fail
+
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    for options in (
+        {"result_ttl": -1},
+        {"task_id": 5},
+        {"task_id": ""},
+        {"queue": ["q"]},
+        {"headers": "h"},
+        {"parent_id": 1},
+        {"root_id": b"r"},
+    ):
+        with pytest.raises(ConfigurationError, match=next(iter(options))):
+            await add.options(**options).send(1, 2)
+        with pytest.raises(ConfigurationError, match=next(iter(options))):
+            await app.send_task(add.name, [1, 2], **options)
+
+
+def test_good_result_ttls_are_kept() -> None:
+    app = App("ttl-ok", result_ttl=60)
+
+    @app.task(result_ttl=0.5)
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    assert add.result_ttl == 0.5 and app.conf.result_ttl == 60
+    assert add.options(result_ttl=MAX_RESULT_TTL)._options.result_ttl == MAX_RESULT_TTL
+    assert add.options(result_ttl=3)._options.result_ttl == 3.0

@@ -189,6 +189,11 @@ class Worker:
         if hurry:
             self._hurry.set()
 
+    @property
+    def abandoned_threads(self) -> int:
+        """Thread tasks still running; after ``run()``, those abandoned past the grace period."""
+        return self._runner.threads_running
+
     async def __aenter__(self) -> Worker:
         self._run_task = asyncio.get_running_loop().create_task(self.run())
         ready = asyncio.get_running_loop().create_task(self.ready.wait())

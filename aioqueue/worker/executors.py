@@ -17,6 +17,7 @@ import os
 import signal
 import struct
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -294,6 +295,28 @@ class Runner:
         self._processes = processes
         self._max_tasks_per_child = max_tasks_per_child
         self._pool: ProcessPool | None = None
+        self._threads_running = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def threads_running(self) -> int:
+        """Thread tasks whose function is running right now, awaited or abandoned.
+
+        Counted by the threads themselves, so a task whose awaiting coroutine was cancelled
+        (shutdown past its grace period) counts until its function returns, and anyio's idle
+        pool threads never count. The CLI leaves through ``os._exit`` only when this is > 0.
+        """
+        return self._threads_running
+
+    def _counted(self, call: Callable[[], Any]) -> Any:
+        """Runs in the worker thread: the count covers exactly the function's run."""
+        with self._count_lock:
+            self._threads_running += 1
+        try:
+            return call()
+        finally:
+            with self._count_lock:
+                self._threads_running -= 1
 
     async def start(self) -> None:
         """Check the process pool can be built; its children start with the first task."""
@@ -317,7 +340,7 @@ class Runner:
     ) -> Any:
         # anyio copies contextvars into the thread; abandon_on_cancel lets a shutdown whose
         # grace period ran out stop waiting for a thread that cannot be interrupted.
-        call = partial(fn, *args, **kwargs)
+        call = partial(self._counted, partial(fn, *args, **kwargs))
         async with self._gate:
             if on_start is not None:
                 await on_start()
