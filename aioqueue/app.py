@@ -166,6 +166,7 @@ class App:
         executor: Literal["async"],
         result_ttl: float | None = None,
         track_started: bool | None = None,
+        max_attempts: int | None = None,
     ) -> _AsyncTaskDecorator: ...
 
     @overload
@@ -179,6 +180,7 @@ class App:
         executor: Executor | None = None,
         result_ttl: float | None = None,
         track_started: bool | None = None,
+        max_attempts: int | None = None,
     ) -> _TaskDecorator: ...
 
     def task(
@@ -191,6 +193,7 @@ class App:
         executor: Executor | None = None,
         result_ttl: float | None = None,
         track_started: bool | None = None,
+        max_attempts: int | None = None,
     ) -> Task[Any, Any] | _TaskDecorator | _AsyncTaskDecorator:
         """Register a function as a task: ``@app.task`` or ``@app.task(queue="high")``.
 
@@ -212,6 +215,7 @@ class App:
                 executor=executor,
                 result_ttl=result_ttl,
                 track_started=track_started,
+                max_attempts=max_attempts,
             )
             self._tasks[task_name] = task
             return task

@@ -146,8 +146,18 @@ class Task(Generic[P, R]):
         executor: Executor | None,
         result_ttl: float | None,
         track_started: bool | None,
+        max_attempts: int | None = None,
     ) -> None:
         self.executor: Executor = _choose_executor(name, fn, executor)
+        if max_attempts is not None and (
+            isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
+        ):
+            raise ConfigurationError(
+                f"max_attempts of {name!r} must be a whole number of at least 1, "
+                f"not {max_attempts!r}"
+            )
+        self.max_attempts = max_attempts
+        """Deliveries of one message before it is dead-lettered (None: the app's setting)."""
         self.app = app
         self.fn = fn
         self.name = name

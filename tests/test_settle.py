@@ -17,6 +17,7 @@ from conftest import AppFactory, running_worker, wait_until
 
 from aioqueue import (
     App,
+    ConfigurationError,
     DeliveryLimitExceeded,
     Message,
     MessageTooLarge,
@@ -69,6 +70,37 @@ async def test_a_message_that_keeps_escaping_the_handler_is_dead_lettered(
         assert calls == 3
         dead = await app.broker.dead_letters("default")
         assert len(dead) == 1 and "too many deliveries" in dead[0].reason
+
+
+async def test_a_task_can_set_its_own_max_attempts(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app()  # the app allows 5
+    calls = 0
+
+    @app.task(max_attempts=2)
+    async def fragile() -> str:
+        return "ran"
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a bug in the worker")
+
+    monkeypatch.setattr(handler_module, "execute", broken)
+    async with app, running_worker(app):
+        with pytest.raises(DeliveryLimitExceeded, match="max_attempts=2"):
+            await (await fragile.send()).get(timeout=20)
+        assert calls == 2
+
+
+def test_max_attempts_must_be_a_positive_whole_number() -> None:
+    app = App("limits")
+    for bad in (0, -1, 1.5, True, "3"):
+        with pytest.raises(ConfigurationError, match="max_attempts"):
+
+            @app.task(max_attempts=bad)  # type: ignore[arg-type]
+            async def job() -> None: ...
 
 
 async def test_a_future_eta_frees_the_slot_and_runs_when_due(make_app: AppFactory) -> None:

@@ -98,7 +98,7 @@ class Handler:
                 f"(this worker knows {len(self._tasks)} task(s))"
             )
             return self._reject(delivery, message, error)
-        limit = app.conf.max_attempts
+        limit = task.max_attempts or app.conf.max_attempts
         if delivery.attempt > limit:
             error = DeliveryLimitExceeded(
                 f"too many deliveries: attempt {delivery.attempt} of task {short(task.name)} "
