@@ -111,6 +111,15 @@ class Commands:
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
         self.stack.append(("EVALSHA", sha, numkeys, *keys_and_args))
 
+    def get(self, key: str) -> None:
+        self.stack.append(("GET", key))
+
+    def mget(self, *keys: str) -> None:
+        self.stack.append(("MGET", *keys))
+
+    def ping(self) -> None:
+        self.stack.append(("PING",))
+
 
 class Script:
     """A Lua script run through a batcher: EVALSHA, and EVAL once if the server lost it."""

@@ -92,9 +92,14 @@ class _OutcomeReader(Generic[R], metaclass=abc.ABCMeta):
 
 
 class AsyncResult(_OutcomeReader[R]):
-    """A handle on a sent task. ``await result.get(timeout=5)`` waits for its value."""
+    """A handle on a sent task. ``await result.get(timeout=5)`` waits for its value.
 
-    __slots__ = ("_app", "_final", "_token", "id", "task_name")
+    The handle keeps no copy of the outcome: every read asks the backend, whose local copy in
+    the sending process costs no round trip and honours ``forget()`` and the result TTL. So a
+    handle never reports a value that ``state()`` (or any other handle) says is gone.
+    """
+
+    __slots__ = ("_app", "_token", "id", "task_name")
 
     def __init__(
         self, id: str, app: App, *, task_name: str | None = None, token: object = None
@@ -103,7 +108,6 @@ class AsyncResult(_OutcomeReader[R]):
         self.task_name = task_name
         self._app = app
         self._token = token
-        self._final: Outcome | None = None
 
     async def get(self, timeout: float | None = None, propagate: bool = True) -> R:
         """Wait for the outcome (woken by a push, never by polling).
@@ -111,27 +115,17 @@ class AsyncResult(_OutcomeReader[R]):
         Raises :class:`~aioqueue.ResultTimeout` after ``timeout`` seconds, and the task's own
         exception if it failed (unless ``propagate=False``, which returns it instead).
         """
-        if self._final is None:
-            backend = await self._app.ready_backend()
-            raw = await backend.wait(self.id, timeout=timeout, token=self._token)
-            self._final = self._app.codec.decode_outcome(raw)
-        return self._value(self._final, propagate)
+        backend = await self._app.ready_backend()
+        raw = await backend.wait(self.id, timeout=timeout, token=self._token)
+        return self._value(self._app.codec.decode_outcome(raw), propagate)
 
     async def _outcome(self) -> Outcome | None:
-        if self._final is not None:
-            return self._final
         backend = await self._app.ready_backend()
         raw = await backend.get(self.id)
-        if raw is None:
-            return None
-        outcome = self._app.codec.decode_outcome(raw)
-        if outcome.ready:
-            self._final = outcome
-        return outcome
+        return self._app.codec.decode_outcome(raw) if raw is not None else None
 
     async def forget(self) -> None:
-        """Delete the stored outcome now instead of waiting for its TTL."""
-        self._final = None
+        """Delete the stored outcome now instead of waiting for its TTL (here too)."""
         backend = await self._app.ready_backend()
         await backend.forget(self.id)
 

@@ -31,7 +31,14 @@ class ResultBackend(Protocol):
         """
 
     def send_token(self) -> object:
-        """Opaque marker taken at send time; ``wait`` uses it to skip a needless read."""
+        """Opaque marker taken at send time; ``wait`` uses it to skip a needless read.
+
+        It must identify the listener itself (not a counter that restarts with a new one): a
+        handle kept across ``App.close()`` and a new connection carries the old listener's
+        token, whose pushes the new listener never receives, and must read instead of waiting.
+        It also changes whenever a push to this listener may have been lost (a reconnect, an
+        eviction from the local cache), for the same reason.
+        """
 
     async def store(
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
@@ -48,12 +55,23 @@ class ResultBackend(Protocol):
         """
 
     async def get(self, task_id: str) -> bytes | None:
-        """The final outcome, else the latest intermediate state, else None."""
+        """The final outcome, else the latest intermediate state, else None.
+
+        Agrees with ``wait``: what ``wait`` would return at once, ``get`` returns, and an
+        outcome forgotten or past its TTL is None for both.
+        """
 
     async def wait(self, task_id: str, *, timeout: float | None, token: object = None) -> bytes:
-        """The final outcome, as soon as it is stored; raises ResultTimeout after ``timeout``."""
+        """The final outcome, as soon as it is stored; raises ResultTimeout after ``timeout``.
 
-    async def forget(self, task_id: str) -> None: ...
+        Any number of waiters, on any ids (several on one id too), cost no connection each;
+        one waiter's timeout or departure never affects another. While the backend is
+        unreachable the wait goes on (only ``timeout`` ends it); where the outcome can never
+        arrive (``rpc://`` without the reply queue it was sent to) it fails at once.
+        """
+
+    async def forget(self, task_id: str) -> None:
+        """Delete the outcome now: the stored copy and this process's local one."""
 
     async def aclose(self) -> None: ...
 

@@ -5,16 +5,22 @@ Keys and channels under prefix ``p``::
     p:result:<id>        string   final outcome (SUCCESS / FAILURE), expires after result_ttl
     p:state:<id>         string   latest intermediate state (RECEIVED / STARTED)
     p:done:<id>          channel  a worker publishes here when <id> is stored (any waiter)
-    p:reply:<client>     channel  a worker publishes the whole outcome here for the process
-                                  that sent the task (its id travels in the message's reply_to)
+    p:reply:<client>     channel  a worker publishes ``<id> <ttl seconds> <outcome>`` here for
+                                  the process that sent the task (named in its reply_to)
 
-One pub/sub connection per client process serves every waiter. The sending process already
-listens on its reply channel before it sends, so its ``get()`` needs no subscription and no
-read: the outcome arrives by itself. Outcomes pushed to this process are kept in a bounded
-cache of recent ones, so a wait that starts after the push still finds them. A waiter that may
-have missed a push (the task was sent by another process, the listener reconnected, or the
-cache overflowed) subscribes to ``p:done:<id>`` first and
-reads the key second, so a result stored before the wait began is never missed.
+A client process uses two connections for any number of waiters: the listener's pub/sub
+connection (``_listener.py``) and the command batcher's, through which every read (the key
+after subscribing, the reads a ``done`` notice or a reconnect triggers, ``get`` for ``state()``)
+and ``forget`` go, coalesced into one round trip per batch. No read takes a pool connection.
+
+The sending process already listens on its reply channel before it sends, so its ``get()`` needs
+no subscription and no read: the outcome arrives by itself, and is kept in a byte-bounded cache
+for its TTL (or until ``forget()``) so a wait that starts after the push still finds it. A
+waiter that may have missed the push (the task was sent by another process or another listener,
+the listener reconnected, or the cache dropped an entry since the send) subscribes to
+``p:done:<id>`` first and reads the key second, so a result stored before the wait began is
+never missed. While Redis is unreachable a waiter keeps waiting (reads are retried, the listener
+reconnects and reads again); only its timeout ends the wait.
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
-from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from redis import exceptions as redis_errors
 
 from .._redis import CommandBatcher, Commands, Script, connect_redis, redis_errors_as
 from ..config import mask_url
 from ..errors import ResultBackendError, ResultTimeout
+from ._listener import ResultListener
 
 if TYPE_CHECKING:
     from ..brokers.base import Delivery
@@ -38,7 +47,8 @@ __all__ = ["RedisBackend"]
 
 log = logging.getLogger("aioqueue.backend.redis")
 
-_RECENT_CACHE_SIZE = 10_000
+T = TypeVar("T")
+_FETCH_CHUNK = 1000  # keys per MGET when many waiters need a read at once
 
 # First final outcome wins: SET NX KEYS[1] = ARGV[1] (PX ARGV[2]); only if it was stored, push
 # it to the sender's reply channel ARGV[3] (frame: ARGV[4] .. outcome, i.e. "<id> <ttl> <outcome>")
@@ -60,150 +70,6 @@ _STORE_AND_ACK_SCRIPT = Script(
 )
 
 
-class _Listener:
-    """The process's one pub/sub connection, fanned out to every waiting coroutine."""
-
-    def __init__(self, backend: RedisBackend) -> None:
-        self._backend = backend
-        self.channel = f"{backend.key_prefix}:reply:{uuid.uuid4().hex}"
-        self.epoch = 0
-        self.evictions = 0
-        self._pubsub: Any = None
-        self._reader: asyncio.Task[None] | None = None
-        self._ready: asyncio.Future[None] | None = None
-        self._waiters: dict[str, asyncio.Future[bytes]] = {}
-        self._recent: OrderedDict[str, bytes] = OrderedDict()
-        self._subscribed: dict[str, asyncio.Future[None]] = {}
-        self._done_prefix = f"{backend.key_prefix}:done:".encode()
-        self._closing = False
-
-    async def start(self) -> None:
-        if self._ready is None:
-            self._ready = asyncio.get_running_loop().create_future()
-            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
-        await asyncio.shield(self._ready)
-
-    async def _read_forever(self) -> None:
-        backoff = 0.05
-        while not self._closing:
-            try:
-                await self._connect_and_read()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self._ready is not None and not self._ready.done():
-                    self._ready.set_exception(
-                        ResultBackendError(f"cannot listen on {self._backend.url}: {exc}")
-                    )
-                    self._ready = None
-                    self._reader = None
-                    return
-                log.warning("result listener lost %s (%s); reconnecting", self._backend.url, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-
-    async def _connect_and_read(self) -> None:
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
-        self._pubsub = self._backend.client.pubsub()
-        await self._pubsub.subscribe(self.channel, *[c for c in self._subscribed])
-        while True:
-            message = await self._pubsub.get_message(timeout=None)
-            if message is not None:
-                self._dispatch(message)
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        kind, channel = message["type"], message["channel"]
-        if kind == "subscribe":
-            if channel == self.channel.encode():
-                self._on_subscribed()
-            else:
-                future = self._subscribed.get(channel.decode())
-                if future is not None and not future.done():
-                    future.set_result(None)
-        elif kind == "message":
-            if channel.startswith(self._done_prefix):
-                task_id = channel[len(self._done_prefix) :].decode()
-                self._backend.spawn_fetch(task_id)
-            else:
-                self._deliver_reply(message["data"])
-
-    def _on_subscribed(self) -> None:
-        self.epoch += 1
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_result(None)
-        elif self._waiters:
-            # Reconnected: pushes may have been missed while we were away; read the keys.
-            for task_id in list(self._waiters):
-                self._backend.spawn_fetch(task_id)
-
-    def _deliver_reply(self, data: bytes) -> None:
-        # Reply frames are b"<task id> <ttl> <outcome>" so the id needs no JSON parse here.
-        task_id_bytes, _, outcome = data.partition(b" ")
-        if not outcome.startswith(b"{"):
-            outcome = outcome.partition(b" ")[2]
-        self.resolve(task_id_bytes.decode(), outcome)
-
-    def resolve(self, task_id: str, outcome: bytes) -> None:
-        waiter = self._waiters.pop(task_id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(outcome)
-        # Kept even when a waiter took it: another handle on the same id may ask later, and
-        # it must find the outcome here, since the push that carried it will not come again.
-        self._recent[task_id] = outcome
-        if len(self._recent) > _RECENT_CACHE_SIZE:
-            self._recent.popitem(last=False)
-            self.evictions += 1
-
-    def recent(self, task_id: str) -> bytes | None:
-        return self._recent.get(task_id)
-
-    def register(self, task_id: str) -> asyncio.Future[bytes]:
-        waiter = self._waiters.get(task_id)
-        if waiter is None or waiter.done():
-            waiter = self._waiters[task_id] = asyncio.get_running_loop().create_future()
-        return waiter
-
-    def unregister(self, task_id: str, waiter: asyncio.Future[bytes]) -> None:
-        if self._waiters.get(task_id) is waiter:
-            del self._waiters[task_id]
-
-    async def subscribe_done(self, task_id: str) -> None:
-        channel = f"{self._backend.key_prefix}:done:{task_id}"
-        confirmed = self._subscribed.get(channel)
-        if confirmed is None:
-            confirmed = asyncio.get_running_loop().create_future()
-            self._subscribed[channel] = confirmed
-            assert self._pubsub is not None
-            await self._pubsub.subscribe(channel)
-        await confirmed
-
-    async def unsubscribe_done(self, task_id: str) -> None:
-        channel = f"{self._backend.key_prefix}:done:{task_id}"
-        if self._subscribed.pop(channel, None) is not None and self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.unsubscribe(channel)
-
-    async def aclose(self) -> None:
-        """Close the socket under the reader first, then cancel it where it waits to retry.
-
-        A redis-py read cancelled mid-flight can get stuck in its own cleanup; a read on a
-        closed socket fails at once and leaves the reader in its back-off sleep.
-        """
-        self._closing = True
-        connection = getattr(self._pubsub, "connection", None)
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.disconnect(nowait=True)
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.wait({self._reader}, timeout=2.0)
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
-
-
 class RedisBackend:
     """Outcomes in Redis with a TTL; see the module docstring for keys and wake-ups."""
 
@@ -222,8 +88,9 @@ class RedisBackend:
             url, connect_timeout=connect_timeout, client_name=f"{client_name}:results"
         )
         self.batcher = CommandBatcher(self.client, self.errors)
-        self._listener: _Listener | None = None
-        self._fetches: set[asyncio.Task[None]] = set()
+        self._listener: ResultListener | None = None
+        self._to_fetch: set[str] = set()
+        self._fetcher: asyncio.Task[None] | None = None
 
     def errors(self) -> contextlib.AbstractContextManager[None]:
         return redis_errors_as(
@@ -237,19 +104,31 @@ class RedisBackend:
         return f"{self.key_prefix}:state:{task_id}"
 
     @property
-    def listener(self) -> _Listener:
+    def listener(self) -> ResultListener:
         if self._listener is None:
-            self._listener = _Listener(self)
+            self._listener = ResultListener(
+                key_prefix=self.key_prefix,
+                url=self.url,
+                new_connection=self._pubsub_connection,
+                fetch=self._fetch_soon,
+            )
         return self._listener
 
+    def _pubsub_connection(self) -> Any:
+        """A connection of the listener's own, outside the pool (it never goes back to it).
+
+        Built like the pool builds its connections, but always RESP2: the listener reads
+        pub/sub frames as plain arrays.
+        """
+        pool = self.client.connection_pool
+        return pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
+
     async def connect(self) -> None:
-        with self.errors():
-            await self.client.ping()
+        await self.batcher.run(_ping)
 
     async def start_listening(self) -> None:
         """Subscribe the reply channel now (senders call this before their first send)."""
-        with self.errors():
-            await self.listener.start()
+        await self.listener.start()
 
     def reply_to(self) -> str | None:
         # Only once the listener runs: a send-only process must not be sent every outcome.
@@ -258,9 +137,7 @@ class RedisBackend:
 
     def send_token(self) -> object:
         listener = self._listener
-        if listener is None or not listener.epoch:
-            return None
-        return (listener.epoch, listener.evictions)
+        return listener.token() if listener is not None else None
 
     def _store_call(
         self, task_id: str, outcome: bytes, ttl: float, reply_to: str | None
@@ -314,60 +191,98 @@ class RedisBackend:
         await self.batcher.run(stage)
 
     async def get(self, task_id: str) -> bytes | None:
-        with self.errors():
-            final, state = await self.client.mget(
-                self._result_key(task_id), self._state_key(task_id)
-            )
+        listener = self._listener
+        if listener is not None:
+            cached = listener.cache.get(task_id, known_ttl_only=True)
+            if cached is not None:
+                return cached  # the sending process: no round trip
+        keys = (self._result_key(task_id), self._state_key(task_id))
+        final, state = await self.batcher.run(partial(_mget, keys=keys))
         return cast(bytes | None, final if final is not None else state)
 
-    def spawn_fetch(self, task_id: str) -> None:
-        """Read a stored outcome in the background and hand it to its waiter."""
-        task = asyncio.get_running_loop().create_task(self._fetch_into_listener(task_id))
-        self._fetches.add(task)
-        task.add_done_callback(self._fetches.discard)
+    def _fetch_soon(self, task_ids: Iterable[str]) -> None:
+        """Read these ids' outcomes in the background and hand them to their waiters."""
+        self._to_fetch.update(task_ids)
+        if self._fetcher is None or self._fetcher.done():
+            self._fetcher = asyncio.get_running_loop().create_task(self._fetch_pending())
 
-    async def _fetch_into_listener(self, task_id: str) -> None:
+    async def _fetch_pending(self) -> None:
+        """MGET what is asked for, in chunks; on an outage retry while someone still waits."""
+        backoff = 0.05
+        while self._to_fetch and self._listener is not None:
+            listener = self._listener
+            task_ids = [task_id for task_id in self._to_fetch if listener.waiting(task_id)]
+            self._to_fetch.clear()
+            done = 0
+            try:
+                for done in range(0, len(task_ids), _FETCH_CHUNK):
+                    chunk = task_ids[done : done + _FETCH_CHUNK]
+                    keys = tuple(self._result_key(task_id) for task_id in chunk)
+                    values = await self.batcher.run(partial(_mget, keys=keys))
+                    for task_id, value in zip(chunk, values, strict=True):
+                        if value is not None:
+                            listener.wake(task_id, value)
+                backoff = 0.05
+            except ResultBackendError as exc:
+                if _permanent(exc):
+                    for task_id in task_ids[done:]:
+                        listener.fail(task_id, exc)
+                    continue
+                # Warn once per outage; the listener logs its reconnects as well.
+                (log.debug if backoff > 0.05 else log.warning)(
+                    "could not read %d result(s): %s; retrying in %.2fs",
+                    len(task_ids) - done,
+                    exc,
+                    backoff,
+                )
+                self._to_fetch.update(task_ids[done:])
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _read_final(self, task_id: str) -> bytes | None:
+        """The stored outcome, or None; while Redis is away, None and a read in the background."""
+        stage = partial(_get, key=self._result_key(task_id))
         try:
-            with self.errors():
-                outcome = await self.client.get(self._result_key(task_id))
+            return cast(bytes | None, await _uncancelled(self.batcher.run(stage)))
         except ResultBackendError as exc:
-            log.warning("could not read result of %s: %s", task_id, exc)
-            return
-        if outcome is not None:
-            self.listener.resolve(task_id, outcome)
+            if _permanent(exc):
+                raise
+            self._fetch_soon((task_id,))
+            return None
 
     async def wait(self, task_id: str, *, timeout: float | None, token: object = None) -> bytes:
         listener = self.listener
-        with self.errors():
-            await listener.start()
-        recent = listener.recent(task_id)
-        if recent is not None:
-            return recent
+        await listener.start()
+        cached = listener.cache.get(task_id)
+        if cached is not None:
+            return cached
         waiter = listener.register(task_id)
-        pushed_to_us = token is not None and token == (listener.epoch, listener.evictions)
+        pushed_to_us = token is not None and token == listener.token()
         try:
             async with asyncio.timeout(timeout):
                 if not pushed_to_us:
-                    with self.errors():
-                        await listener.subscribe_done(task_id)
-                        stored = await self.client.get(self._result_key(task_id))
+                    await asyncio.shield(listener.acquire_done(task_id))
+                    stored = await self._read_final(task_id)
                     if stored is not None:
-                        return cast(bytes, stored)
+                        return stored
                 return await waiter
         except TimeoutError:
             raise ResultTimeout(f"no result for task {task_id} within {timeout}s") from None
         finally:
             listener.unregister(task_id, waiter)
             if not pushed_to_us:
-                await listener.unsubscribe_done(task_id)
+                listener.release_done(task_id)
 
     async def forget(self, task_id: str) -> None:
-        with self.errors():
-            await self.client.delete(self._result_key(task_id), self._state_key(task_id))
+        if self._listener is not None:
+            self._listener.cache.pop(task_id)
+        keys = (self._result_key(task_id), self._state_key(task_id))
+        await self.batcher.run(partial(_delete, keys=keys))
 
     async def aclose(self) -> None:
-        for task in list(self._fetches):
-            task.cancel()
+        if self._fetcher is not None:
+            self._fetcher.cancel()
+            await asyncio.wait({self._fetcher}, timeout=2.0)
         if self._listener is not None:
             await self._listener.aclose()
             self._listener = None
@@ -376,3 +291,39 @@ class RedisBackend:
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.url!r}, key_prefix={self.key_prefix!r})"
+
+
+def _ping(pipe: Commands) -> None:
+    pipe.ping()
+
+
+def _get(pipe: Commands, key: str) -> None:
+    pipe.get(key)
+
+
+def _mget(pipe: Commands, keys: tuple[str, ...]) -> None:
+    pipe.mget(*keys)
+
+
+def _delete(pipe: Commands, keys: tuple[str, ...]) -> None:
+    pipe.delete(*keys)
+
+
+def _permanent(exc: ResultBackendError) -> bool:
+    """An error reply from Redis (ACL, wrong type...): reading again will not help."""
+    cause = exc.__cause__
+    return isinstance(cause, redis_errors.ResponseError) and not isinstance(
+        cause, redis_errors.BusyLoadingError
+    )
+
+
+async def _uncancelled(awaitable: Awaitable[T]) -> T:
+    """Await in a task of its own, so a waiter's timeout never cuts a shared round trip."""
+    task = asyncio.ensure_future(awaitable)
+    task.add_done_callback(_retrieve)
+    return await asyncio.shield(task)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -16,11 +16,14 @@ once RabbitMQ has the reply. Frames carry the task id as ``correlation_id``, the
 What this backend is not:
 
 * **not persistent**: an outcome exists only in the memory of the process that sent the task
-  (a bounded cache of the last 10,000, each kept for its result TTL). A restart forgets it.
+  (a cache bounded by bytes, 16 MiB, oldest out first; each outcome kept for its result TTL).
+  A restart forgets it; an outcome larger than the bound reaches only a waiter already waiting.
 * ``get()`` and ``wait()`` work only in the sending process, for tasks sent *after* it started
-  listening (``async with app`` / ``await app.connect()``). Waiting on a task sent by another
-  process, or sent before listening, raises :class:`~aioqueue.errors.ResultBackendError` at once
-  instead of hanging. ``forget()`` drops the local copy.
+  listening (``async with app`` / ``await app.connect()``) on the reply queue it still listens
+  on. Waiting on a task sent by another process, sent before listening, sent before the App
+  was closed and connected again (its reply went to a queue that is gone), or whose outcome
+  the cache had to drop, raises :class:`~aioqueue.errors.ResultBackendError` at once instead of
+  hanging. ``forget()`` drops the local copy.
 * replies pushed while this process was reconnecting are lost (the exclusive queue dies with its
   connection and is declared again on reconnect); their waiters run into their timeout.
 * intermediate states (RECEIVED, STARTED) are pushed to the sender like final outcomes.
@@ -31,9 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
-from collections import OrderedDict
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pamqp.commands import Basic
@@ -48,6 +49,7 @@ from .._amqp import (
 )
 from ..config import mask_url
 from ..errors import ResultBackendError, ResultTimeout
+from ._pushcache import DEFAULT_MAX_BYTES, PushCache
 
 __all__ = ["RpcBackend"]
 
@@ -56,45 +58,32 @@ log = logging.getLogger("aioqueue.backend.rpc")
 TTL_HEADER = "x-aioqueue-ttl"
 _FINAL = "final"
 _STATE = "state"
-_CACHE_SIZE = 10_000
+_STATES_CACHE_BYTES = 4 * 1024 * 1024
 
 
 class _Received:
-    """Outcomes this process has been sent: bounded, each entry kept for its TTL."""
+    """Outcomes this process has been sent: byte-bounded, each entry kept for its TTL."""
 
-    def __init__(self, size: int = _CACHE_SIZE) -> None:
-        self._size = size
-        self._final: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        self._states: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.finals = PushCache(max_bytes)
+        self._states = PushCache(min(max_bytes, _STATES_CACHE_BYTES))
 
     def put(self, kind: str, task_id: str, outcome: bytes, ttl: float) -> None:
-        table = self._final if kind == _FINAL else self._states
-        table[task_id] = (outcome, time.monotonic() + ttl)
-        table.move_to_end(task_id)
         if kind == _FINAL:
-            self._states.pop(task_id, None)
-        if len(table) > self._size:
-            table.popitem(last=False)
+            self.finals.put(task_id, outcome, ttl)
+            self._states.pop(task_id)
+        else:
+            self._states.put(task_id, outcome, ttl)
 
     def final(self, task_id: str) -> bytes | None:
-        return self._live(self._final, task_id)
+        return self.finals.get(task_id)
 
     def latest(self, task_id: str) -> bytes | None:
-        return self._live(self._final, task_id) or self._live(self._states, task_id)
+        return self.finals.get(task_id) or self._states.get(task_id)
 
     def forget(self, task_id: str) -> None:
-        self._final.pop(task_id, None)
-        self._states.pop(task_id, None)
-
-    @staticmethod
-    def _live(table: OrderedDict[str, tuple[bytes, float]], task_id: str) -> bytes | None:
-        entry = table.get(task_id)
-        if entry is None:
-            return None
-        if entry[1] <= time.monotonic():
-            del table[task_id]
-            return None
-        return entry[0]
+        self.finals.pop(task_id)
+        self._states.pop(task_id)
 
 
 class RpcBackend:
@@ -127,10 +116,9 @@ class RpcBackend:
         self._connection: AbstractRobustConnection | None = None
         self._pool: ChannelPool | None = None
         self._reply_queue: str | None = None
-        self._epoch = 0
         self._lock: asyncio.Lock | None = None
         self._received = _Received()
-        self._waiters: dict[str, asyncio.Future[bytes]] = {}
+        self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
 
     def errors(self) -> contextlib.AbstractContextManager[None]:
         return amqp_errors(
@@ -174,13 +162,14 @@ class RpcBackend:
                 queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
                 await queue.consume(self._on_reply, no_ack=True)
             self._reply_queue = name
-            self._epoch += 1
 
     def reply_to(self) -> str | None:
         return self._reply_queue
 
     def send_token(self) -> object:
-        return self._epoch if self._reply_queue is not None else None
+        # The reply queue's name identifies this listener: a handle from before the App was
+        # closed and connected again carries the old name, whose replies nobody receives now.
+        return self._reply_queue
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         task_id = message.correlation_id
@@ -197,9 +186,9 @@ class RpcBackend:
     def _record(self, kind: str, task_id: str, outcome: bytes, ttl: float) -> None:
         self._received.put(kind, task_id, outcome, ttl)
         if kind == _FINAL:
-            waiter = self._waiters.pop(task_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(outcome)
+            for waiter in self._waiters.pop(task_id, ()):
+                if not waiter.done():
+                    waiter.set_result(outcome)
 
     async def _push(
         self, reply_to: str, kind: str, task_id: str, outcome: bytes, ttl: float
@@ -243,24 +232,43 @@ class RpcBackend:
         found = self._received.final(task_id)
         if found is not None:
             return found
-        if token is None or self._reply_queue is None:
-            raise ResultBackendError(
-                f"rpc:// cannot wait for task {task_id}: its result is pushed only to the "
-                "process that sent it, and only if that process was listening when it sent "
-                "(use `async with app` or `await app.connect()` before sending, or a "
-                "persistent backend such as redis:// to read results from anywhere)"
-            )
-        waiter = self._waiters.get(task_id)
-        if waiter is None or waiter.done():
-            waiter = self._waiters[task_id] = asyncio.get_running_loop().create_future()
+        self._check_can_wait(task_id, token)
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(task_id, [])
+        waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
-                return await asyncio.shield(waiter)
+                return await waiter
         except TimeoutError:
             raise ResultTimeout(f"no result for task {task_id} within {timeout}s") from None
         finally:
-            if waiter.done() and self._waiters.get(task_id) is waiter:
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters and self._waiters.get(task_id) is waiters:
                 del self._waiters[task_id]
+
+    def _check_can_wait(self, task_id: str, token: object) -> None:
+        """Raise at once where no reply can come, instead of letting the caller hang."""
+        prefix = f"rpc:// cannot wait for task {task_id}: "
+        if token is None or self._reply_queue is None:
+            raise ResultBackendError(
+                prefix + "its result is pushed only to the process that sent it, and only if "
+                "that process was listening when it sent (use `async with app` or "
+                "`await app.connect()` before sending, or a persistent backend such as "
+                "redis:// to read results from anywhere)"
+            )
+        if token != self._reply_queue:
+            raise ResultBackendError(
+                prefix + "its result was pushed to a reply queue this process no longer "
+                "listens on (the app was closed and connected again after sending it); use a "
+                "persistent backend such as redis:// to read results across reconnects"
+            )
+        if self._received.finals.was_dropped(task_id):
+            raise ResultBackendError(
+                prefix + "its outcome arrived but was dropped from the bounded cache of "
+                "received outcomes before anyone waited for it (wait sooner, or use a "
+                "persistent backend such as redis://)"
+            )
 
     async def forget(self, task_id: str) -> None:
         self._received.forget(task_id)
@@ -269,10 +277,12 @@ class RpcBackend:
         connection, self._connection = self._connection, None
         self._pool = None
         self._reply_queue = None
-        for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.set_exception(ResultBackendError("the rpc:// result backend was closed"))
-                waiter.exception()  # retrieved: no "never retrieved" warning if nobody waits
+        closed = ResultBackendError("the rpc:// result backend was closed")
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(closed)
+                    waiter.exception()  # retrieved: no "never retrieved" warning if nobody waits
         self._waiters.clear()
         if connection is not None:
             await close_quietly(connection, self._connect_timeout)
