@@ -50,7 +50,7 @@ from aio_pika.abc import (
 )
 
 from .._amqp import close_quietly, guarded, ready_channel
-from .base import Delivery
+from .base import Delivery, wait_for_event
 
 if TYPE_CHECKING:
     from .amqp import AmqpBroker
@@ -211,18 +211,23 @@ class _AmqpConsumer:
                     names.queue, durable=True, arguments=broker.queue_arguments(names)
                 )
 
-    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+    async def fetch(
+        self, max_count: int, timeout: float, wake: asyncio.Event | None = None
+    ) -> list[Delivery]:
         await self._ensure_prefetch(max(self._initial_prefetch, len(self.handed) + max_count))
         out = self._take(max_count)
         if out:
             return out
         if timeout <= 0:
             return await self._fetch_ready(max_count)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while not out:
-                    await self._arrived.wait()
-                    out = self._take(max_count)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not out and not (wake is not None and wake.is_set()):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await wait_for_event(self._arrived, wake, remaining)
+            out = self._take(max_count)
         return out
 
     def _take(self, max_count: int) -> list[Delivery]:

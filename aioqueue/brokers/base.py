@@ -15,12 +15,22 @@ overwrite the newer attempt.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["DEAD_LETTER_PREFIX", "Broker", "Consumer", "DeadLetter", "Delivery", "attempt_of"]
+__all__ = [
+    "DEAD_LETTER_PREFIX",
+    "Broker",
+    "Consumer",
+    "DeadLetter",
+    "Delivery",
+    "attempt_of",
+    "wait_for_event",
+]
 
 DEAD_LETTER_PREFIX = 1024
 """Bytes of an oversized body kept in its dead letter (with its size): enough to see what it was."""
@@ -38,6 +48,22 @@ def attempt_of(body: bytes) -> int:
         return 1
     match = _ATTEMPT_PREFIX.match(body)
     return int(match.group(1)) if match else 1
+
+
+async def wait_for_event(event: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
+    """Wait until ``event`` or ``wake`` is set, or ``timeout`` passes (quietly)."""
+    if wake is None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        return
+    loop = asyncio.get_running_loop()
+    waiters = {loop.create_task(event.wait()), loop.create_task(wake.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 @runtime_checkable
@@ -80,11 +106,14 @@ class Consumer(Protocol):
     """Longest a worker may keep a message unsettled without running it (a delay not yet due)
     before it must give it back; None when the broker sets no such limit."""
 
-    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+    async def fetch(
+        self, max_count: int, timeout: float, wake: asyncio.Event | None = None
+    ) -> list[Delivery]:
         """Up to ``max_count`` deliveries; waits at most ``timeout`` seconds for the first.
 
         ``timeout=0`` never blocks. The worker only asks for as many as it has free slots,
-        so a consumer must never return more than ``max_count``.
+        so a consumer must never return more than ``max_count``. A set ``wake`` ends the wait
+        early (the worker needs its slots back: a parked message fell due).
         """
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 
-from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery
+from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, wait_for_event
 
 __all__ = ["MemoryBroker"]
 
@@ -67,20 +67,19 @@ class _MemoryConsumer:
     async def start(self) -> None:
         return None
 
-    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+    async def fetch(
+        self, max_count: int, timeout: float, wake: asyncio.Event | None = None
+    ) -> list[Delivery]:
         out = self._take(max_count)
         if out or timeout <= 0:
             return out
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not out:
-            remaining = deadline - asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not out and not (wake is not None and wake.is_set()):
+            remaining = deadline - loop.time()
             if remaining <= 0:
-                return []
-            event = self.broker.arrival
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except TimeoutError:
-                return []
+                break
+            await wait_for_event(self.broker.arrival, wake, remaining)
             out = self._take(max_count)
         return out
 

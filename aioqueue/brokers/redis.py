@@ -369,7 +369,9 @@ class _RedisConsumer:
         )
         self._lease.start()
 
-    async def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+    async def fetch(
+        self, max_count: int, timeout: float, wake: asyncio.Event | None = None
+    ) -> list[Delivery]:
         self._collect_waits()
         if self._dirty:
             await self._reconcile()
@@ -378,9 +380,9 @@ class _RedisConsumer:
             if len(out) >= max_count:
                 break
             out.extend(await self._fetch_batch(queue, max_count - len(out)))
-        if out or timeout <= 0:
+        if out or timeout <= 0 or (wake is not None and wake.is_set()):
             return out
-        return await self._wait(max_count, timeout)
+        return await self._wait(max_count, timeout, wake)
 
     def _take_buffered(self, max_count: int) -> list[Delivery]:
         taken, self._buffer = self._buffer[:max_count], self._buffer[max_count:]
@@ -445,7 +447,9 @@ class _RedisConsumer:
                 )
             self._dirty.discard(queue)
 
-    async def _wait(self, max_count: int, timeout: float) -> list[Delivery]:
+    async def _wait(
+        self, max_count: int, timeout: float, wake: asyncio.Event | None
+    ) -> list[Delivery]:
         """Block until a message arrives on any queue (one BLMOVE per queue), or time out.
 
         A BLMOVE that is still waiting when this returns stays in flight for the next call, so
@@ -453,14 +457,20 @@ class _RedisConsumer:
         extra queue beyond ``max_count``, which waits in the buffer (already in this worker's
         processing list, so covered by its lease).
         """
+        loop = asyncio.get_running_loop()
         for queue in self.queues:
             if queue not in self._waiters:
-                self._waiters[queue] = asyncio.get_running_loop().create_task(self._blmove(queue))
-        done, _ = await asyncio.wait(
-            self._waiters.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if done:
-            self._collect_waits()
+                self._waiters[queue] = loop.create_task(self._blmove(queue))
+        waits: set[asyncio.Future[Any]] = set(self._waiters.values())
+        woken = loop.create_task(wake.wait()) if wake is not None else None
+        if woken is not None:
+            waits.add(woken)
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if woken is not None:
+                woken.cancel()
+        self._collect_waits()
         return self._take_buffered(max_count)
 
     async def _blmove(self, queue: str) -> bytes:

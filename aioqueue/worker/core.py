@@ -107,6 +107,7 @@ class Worker:
         self._idle.set()
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
+        self._wake = asyncio.Event()  # a parked message fell due: the fetch wait gives way
         self._consumer: Consumer | None = None
         self._handler: Handler | None = None
         self._settler: Settler | None = None
@@ -259,7 +260,8 @@ class Worker:
             await self._slots.acquire()
             held = 1 + self._slots.take_up_to(batch - 1)
             try:
-                deliveries = await consumer.fetch(held, wait)
+                deliveries = await consumer.fetch(held, wait, self._wake)
+                self._wake.clear()
             except AioQueueError as exc:
                 self._slots.release(held)
                 log.warning("fetch from broker failed: %s; retrying in %.2fs", exc, backoff)
@@ -329,6 +331,7 @@ class Worker:
         if delivery not in self._parked:
             return
         self._parked[delivery] = None  # still ours to give back until it has a slot again
+        self._wake.set()
         task = asyncio.get_running_loop().create_task(self._resume(delivery, park))
         self._resuming.add(task)
         task.add_done_callback(self._resuming.discard)
