@@ -69,59 +69,64 @@ class FaultTasks:
     process_die: Task[[str], None]
 
 
+async def work(task_id: str, seconds: float = 0.0) -> list[Any]:
+    """The ordinary task of every scenario: note, sleep without blocking, note, return."""
+    note("start", task_id)
+    if seconds:
+        await asyncio.sleep(seconds)
+    note("end", task_id)
+    return [task_id, os.getpid()]
+
+
+async def stall(task_id: str, first: float, gate: str) -> int:
+    """First run: sleep ``first`` s (the test freezes the worker meanwhile); later runs
+    wait until the test sets the gate key. Returns the pid of the run that finished."""
+    note("start", task_id)
+    prefix = f"{app.conf.key_prefix}:fault"  # the worker's app: this runs in a worker
+    client = aioredis.Redis.from_url(app.conf.broker_url)
+    try:
+        if int(await client.incr(f"{prefix}:runs:{task_id}")) == 1:
+            await asyncio.sleep(first)
+        else:
+            deadline = time.monotonic() + 30.0
+            while not await client.exists(f"{prefix}:gate:{gate}"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"gate {gate} not opened within 30 s")
+                await asyncio.sleep(0.01)
+    finally:
+        await client.aclose()
+    note("end", task_id)
+    return os.getpid()
+
+
+async def poison(task_id: str) -> None:
+    """Kills the worker process that runs it, every time."""
+    note("start", task_id)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def block_loop(task_id: str, seconds: float) -> int:
+    """Blocks the worker's event loop: a sync sleep inside ``async def`` (a user's slip)."""
+    note("start", task_id)
+    time.sleep(seconds)  # noqa: ASYNC251 - blocking the loop is what this task is for
+    note("end", task_id)
+    return os.getpid()
+
+
+def process_work(task_id: str, seconds: float) -> int:
+    note("start", task_id)
+    time.sleep(seconds)
+    note("end", task_id)
+    return os.getpid()
+
+
+def process_die(task_id: str) -> None:
+    note("start", task_id)
+    os._exit(1)
+
+
 def register(target: App) -> FaultTasks:
     """Register the fault tasks on ``target`` (the worker's app here, the test's own app)."""
-
-    async def work(task_id: str, seconds: float = 0.0) -> list[Any]:
-        """The ordinary task of every scenario: note, sleep without blocking, note, return."""
-        note("start", task_id)
-        if seconds:
-            await asyncio.sleep(seconds)
-        note("end", task_id)
-        return [task_id, os.getpid()]
-
-    async def stall(task_id: str, first: float, gate: str) -> int:
-        """First run: sleep ``first`` s (the test freezes the worker meanwhile); later runs
-        wait until the test sets the gate key. Returns the pid of the run that finished."""
-        note("start", task_id)
-        prefix = f"{target.conf.key_prefix}:fault"
-        client = aioredis.Redis.from_url(target.conf.broker_url)
-        try:
-            if int(await client.incr(f"{prefix}:runs:{task_id}")) == 1:
-                await asyncio.sleep(first)
-            else:
-                deadline = time.monotonic() + 30.0
-                while not await client.exists(f"{prefix}:gate:{gate}"):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"gate {gate} not opened within 30 s")
-                    await asyncio.sleep(0.01)
-        finally:
-            await client.aclose()
-        note("end", task_id)
-        return os.getpid()
-
-    async def poison(task_id: str) -> None:
-        """Kills the worker process that runs it, every time."""
-        note("start", task_id)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    async def block_loop(task_id: str, seconds: float) -> int:
-        """Blocks the worker's event loop: a sync sleep inside ``async def`` (a user's slip)."""
-        note("start", task_id)
-        time.sleep(seconds)  # noqa: ASYNC251 - blocking the loop is what this task is for
-        note("end", task_id)
-        return os.getpid()
-
-    def process_work(task_id: str, seconds: float) -> int:
-        note("start", task_id)
-        time.sleep(seconds)
-        note("end", task_id)
-        return os.getpid()
-
-    def process_die(task_id: str) -> None:
-        note("start", task_id)
-        os._exit(1)
-
     return FaultTasks(
         work=target.task(name="fault.work")(work),
         stall=target.task(name="fault.stall")(stall),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -183,21 +182,28 @@ class PrivateVhost:
         with contextlib.suppress(AssertionError):
             await rabbitmqctl("delete_vhost", self.name)
 
-    async def close_connections(self, name_part: str) -> int:
-        """Close (server side) this vhost's connections whose client properties contain
-        ``name_part`` (the connection name is ``aioqueue:<app>/<role>@<host>:<pid>``)."""
+    async def close_connections(self, *name_parts: str) -> dict[str, int]:
+        """Close (server side) this vhost's connections whose client properties contain one of
+        ``name_parts`` (connection names are ``aioqueue:<app>/<role>@<host>:<pid>``), all at
+        once; returns how many were closed per name part."""
         listing = await rabbitmqctl(
             "list_connections", "--no-table-headers", "pid", "vhost", "client_properties"
         )
-        pids = []
+        victims: dict[str, str] = {}
         for line in listing.splitlines():
             parts = line.split("\t", 2)
-            if len(parts) == 3 and parts[1] == self.name and name_part in parts[2]:
-                pids.append(parts[0])
+            if len(parts) != 3 or parts[1] != self.name:
+                continue
+            for name_part in name_parts:
+                if name_part in parts[2]:
+                    victims[parts[0]] = name_part
         await asyncio.gather(
-            *(rabbitmqctl("close_connection", pid, "closed by aioqueue fault test") for pid in pids)
+            *(
+                rabbitmqctl("close_connection", pid, "closed by aioqueue fault test")
+                for pid in victims
+            )
         )
-        return len(pids)
+        return Counter(victims.values())
 
 
 # -- workers -------------------------------------------------------------------------------
@@ -378,24 +384,18 @@ def tally(
     return out
 
 
-def report(scenario: str, counts: Tally, note: str = "") -> None:
-    """Print the scenario's one-line summary and keep it (latest per scenario) in the file."""
-    line = f"{scenario}: {counts.line()}" + (f" ({note})" if note else "")
+def report(scenario: str, title: str, counts: Tally, note: str = "") -> None:
+    """Print the scenario's one-line summary and keep it in the summary file, one line per
+    scenario id (``"01"``, ``"07-amqp"``...), replaced by the latest run of that scenario."""
+    line = f"{scenario} {title}: {counts.line()}" + (f" ({note})" if note else "")
     print(f"\n[fault] {line}")
     lines: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for old in SUMMARY_PATH.read_text().splitlines():
-            name, sep, _ = old.partition(": ")
-            if sep:
-                lines[name] = old
+            lines[old.split(" ", 1)[0]] = old
     lines[scenario] = line
     with contextlib.suppress(OSError):
         SUMMARY_PATH.write_text("".join(f"{v}\n" for _, v in sorted(lines.items())))
-
-
-def signal_pid(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
 
 
 __all__ = [
@@ -411,6 +411,5 @@ __all__ = [
     "rabbitmqctl",
     "read_results",
     "report",
-    "signal_pid",
     "tally",
 ]

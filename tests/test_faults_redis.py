@@ -7,8 +7,9 @@ with the run log the tasks write and the results in Redis, and prints one line p
 (``sent=.. completed=.. duplicated=.. lost=..``), also kept in
 ``/tmp/aioqueue-fault-summary.txt``.
 
-Tests that fail on today's code for a defect of issue 7 are marked ``xfail(strict=True)`` with
-the item; the fix removes the marker.
+Tests that fail on today's code for a defect of issue 7 are marked
+``xfail(strict=True, raises=AssertionError)`` with the item: a fixed test then fails until its
+marker is removed, and a harness error (anything but a failed assertion) still shows as one.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from faultlib import (
     poll,
     read_results,
     report,
-    signal_pid,
     tally,
 )
 from workers import WorkerProcess, WorkerSet
@@ -196,7 +196,7 @@ async def test_sigkill_loops_lose_nothing(
         await client.aclose()
     results = await wait_results(redis_server.url, key_prefix, sent)
     counts = tally(sent, results, run_log.starts())
-    report("1 sigkill-loop (5 kills, 5000 tasks, redis)", counts)
+    report("01", "sigkill-loop (5 kills during 5000 tasks, redis)", counts)
     assert counts.lost == 0, counts.lost_ids
     assert counts.duplicated <= concurrency * kills
     assert all(r["state"] == "SUCCESS" for r in results.values())
@@ -232,7 +232,7 @@ async def test_sigterm_drain_mid_load_loses_nothing(
     await group.start("-c", "100", *ONE_PROCESS, app_path=APP, name="second")
     results = await wait_results(redis_server.url, key_prefix, sent)
     counts = tally(sent, results, run_log.starts())
-    report("2 sigterm-drain (1000 tasks, redis)", counts)
+    report("02", "sigterm-drain (1000 tasks, redis)", counts)
     assert counts.lost == 0, counts.lost_ids
     assert counts.duplicated == 0, counts.duplicated_ids
 
@@ -240,6 +240,14 @@ async def test_sigterm_drain_mid_load_loses_nothing(
 # -- 3. SIGSTOP past the lease, then SIGCONT (fencing) --------------------------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "issue 7 contract (leases with fencing): a worker frozen past its lease still "
+        "writes its stale result when it wakes"
+    ),
+)
 @pytest.mark.timeout(40)
 async def test_frozen_worker_cannot_overwrite_the_new_attempt(
     make_workers: WorkerFactory,
@@ -273,7 +281,7 @@ async def test_frozen_worker_cannot_overwrite_the_new_attempt(
         stale.send_signal(signal.SIGCONT)
         stale.send_signal(signal.SIGTERM)
         await stale.wait_exit(15)
-        assert run_log.pids_of(tid, "end") == [stale.pid], "the stale run did not finish"
+        stale_finished = run_log.pids_of(tid, "end") == [stale.pid]
         stored_early = await read_results(redis_server.url, key_prefix, [tid])
         held_after = await client.llen(held)
 
@@ -287,9 +295,11 @@ async def test_frozen_worker_cannot_overwrite_the_new_attempt(
     counts = tally([tid], results, run_log.starts(), counter.counts)
     stale_wrote = tid in stored_early
     report(
-        "3 sigstop-past-lease (fencing, redis)",
+        "03",
+        "sigstop-past-lease (fencing, redis)",
         counts,
-        f"stale attempt wrote a result: {stale_wrote}; new message kept: {held_after == 1}",
+        f"stale run finished: {stale_finished}; it wrote a result: {stale_wrote}; "
+        f"new attempt's message kept: {held_after == 1}",
     )
     assert not stale_wrote, f"the stale attempt wrote a result: {stored_early}"
     assert held_after == 1, "the stale attempt removed the new attempt's message"
@@ -325,6 +335,13 @@ async def dead_letters(server: PrivateRedis, key_prefix: str) -> list[dict[str, 
     return [orjson.loads(item) for item in raw]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "issue 7 item 6: no max_attempts; a message that kills its worker is redelivered forever"
+    ),
+)
 @pytest.mark.timeout(40)
 async def test_poison_task_is_dead_lettered_after_max_attempts(
     make_workers: WorkerFactory,
@@ -357,7 +374,8 @@ async def test_poison_task_is_dead_lettered_after_max_attempts(
     results.update(await read_results(redis_server.url, key_prefix, [bad]))
     counts = tally([bad, *good], results, run_log.starts())
     report(
-        "4 poison-task (max_attempts=3, redis)",
+        "04",
+        "poison-task (max_attempts=3, redis)",
         counts,
         f"poison runs={run_log.starts()[bad]} worker deaths={deaths}",
     )
@@ -397,7 +415,7 @@ async def test_pool_child_death_fails_only_its_task(
     everything = [*before, dying, *after]
     results = await wait_results(redis_server.url, key_prefix, everything, timeout=20)
     counts = tally(everything, results, run_log.starts())
-    report("5 pool-child-dies (processes=2, redis)", counts)
+    report("05", "pool-child-dies (processes=2, redis)", counts)
     assert counts.lost == 0, counts.lost_ids
     assert results[dying]["state"] == "FAILURE"
     assert results[dying]["exc"]["type"] == "aioqueue.errors.WorkerLostError"
@@ -485,7 +503,8 @@ async def test_redis_killed_and_restarted_under_load(
     results = await wait_results(redis_server.url, key_prefix, sent, timeout=20)
     counts = tally(sent, results, run_log.starts())
     report(
-        "6 redis-sigkill-restart (AOF, 2 kills, redis)",
+        "06",
+        "redis-sigkill-restart (AOF, 2 kills under load, redis)",
         counts,
         f"sends refused meanwhile={sender.failed}",
     )
@@ -532,6 +551,14 @@ async def serve_and_cut(
     return ids
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "issue 7 item 15: a message BLMOVEd into a live worker's processing list whose "
+        "reply was lost is never run"
+    ),
+)
 @pytest.mark.timeout(60)
 async def test_connections_killed_mid_stream_lose_nothing(
     make_workers: WorkerFactory,
@@ -563,13 +590,15 @@ async def test_connections_killed_mid_stream_lose_nothing(
     results = await wait_results(redis_server.url, key_prefix, sent, timeout=10)
     counts = tally(sent, results, run_log.starts())
     report(
-        "7 client-kill (workers' and sender's connections, 8 rounds + 2 cut replies, redis)",
+        "07-redis",
+        "client-kill (workers' and sender's connections, 8 rounds + 2 cut BLMOVE replies)",
         counts,
         f"connections killed: worker={killed['worker']} sender={killed['sender']}; "
         f"sends refused={stream.failed}",
     )
     assert killed["worker"] >= 4 and killed["sender"] >= 4
     assert counts.lost == 0, await locate(redis_server.url, key_prefix, counts.lost_ids)
+    assert counts.duplicated <= 2 * 20 * 8, counts.duplicated_ids
     assert all(w.returncode is None for w in group.workers), "a worker died"
 
 
@@ -588,6 +617,14 @@ async def backend_server(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
         server.kill()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "issue 7 items 4/14: settling gives up after 3.75 s and leaves the message in "
+        "the live worker's processing list"
+    ),
+)
 @pytest.mark.timeout(60)
 async def test_backend_outage_during_stores_and_waits(
     make_workers: WorkerFactory,
@@ -635,17 +672,23 @@ async def test_backend_outage_during_stores_and_waits(
     sent = [*early, *(r.id for r in waited), *late]
     results = await wait_results(backend_server.url, key_prefix, sent, timeout=20)
     counts = tally(sent, results, run_log.starts())
-    report(f"8 backend-down-{outage:.0f}s (stores and waits, redis)", counts)
+    report("08", f"backend-down-{outage:.0f}s (during stores and waits, redis)", counts)
     assert counts.lost == 0, await locate(redis_server.url, key_prefix, counts.lost_ids)
-    assert [v if isinstance(v, BaseException) else v[0] for v in values] == [
-        r.id for r in waited
-    ]
+    assert [v if isinstance(v, BaseException) else v[0] for v in values] == [r.id for r in waited]
     assert worker.returncode is None, worker.output()
 
 
 # -- 9. a task that blocks the event loop past the lease ------------------------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "issue 7 item 12: a task blocking the loop past the lease passes between "
+        "workers (3+ runs), nothing logged"
+    ),
+)
 @pytest.mark.timeout(40)
 async def test_loop_blocking_task_runs_at_most_twice_and_is_named(
     make_workers: WorkerFactory,
@@ -682,7 +725,8 @@ async def test_loop_blocking_task_runs_at_most_twice_and_is_named(
         if "WARNING" in line and tasks.block_loop.name in line
     ]
     report(
-        "9 loop-blocking-task (2x lease, redis)",
+        "09",
+        "loop-blocking-task (2x the lease, redis)",
         counts,
         f"runs={run_log.starts()[tid]} warning naming the task: {bool(warned)}",
     )
@@ -788,6 +832,14 @@ def fuzzed_bad_bodies(count: int, seed: int = 7) -> list[bytes]:
     return out
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "issue 7 items 5/16: bad field types crash the handler (a non-string reply_to "
+        "kills the worker); the 1 MB body is kept whole in its dead letter"
+    ),
+)
 @pytest.mark.timeout(40)
 async def test_bad_bodies_are_dead_lettered_and_good_ones_run(
     make_workers: WorkerFactory,
@@ -831,7 +883,8 @@ async def test_bad_bodies_are_dead_lettered_and_good_ones_run(
     counts = tally(good, results, run_log.starts())
     biggest = max((len(r) for r in records), default=0)
     report(
-        f"10 bad-bodies ({len(handmade)} handmade + 40 fuzzed, {len(good)} good, redis)",
+        "10",
+        f"bad-bodies ({len(handmade)} handmade + 40 fuzzed, {len(good)} good, redis)",
         counts,
         f"bad={len(bad)} dead-lettered={len(records)} largest dead record={biggest} B "
         f"stranded={leftovers}",
