@@ -8,7 +8,8 @@ Nothing here touches the shared servers. Each test gets:
 * :class:`PrivateVhost`: a RabbitMQ vhost of its own (``rabbitmqctl add_vhost``), deleted after;
   connections are closed with ``rabbitmqctl close_connection`` only when they belong to it.
 * Workers: ``aioqueue worker fault_app:app`` subprocesses (:mod:`workers`) on those servers, with
-  a 0.2 s heartbeat and a 1 s lease.
+  a 0.2 s heartbeat and a 1 s lease; :class:`Sender` streams single sends in the test process,
+  keeping only the ids whose ``send()`` returned (a send that raised has an unknown outcome).
 * :class:`RunLog` and :func:`tally`: what the workers ran (the run log :mod:`fault_app` writes)
   against what was sent and what results exist, as ``sent / completed / ran / duplicated / lost``
   plus ``stores`` (final-result writes, counted on the backend's ``done`` channels by
@@ -37,10 +38,16 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from conftest import AMQP_URL, IN_CI
-from fault_app import RUN_LOG_ENV
+from fault_app import RUN_LOG_ENV, FaultTasks
 from workers import worker_env
 
+from aioqueue import AioQueueError
+
 SUMMARY_PATH = Path("/tmp/aioqueue-fault-summary.txt")
+APP = "fault_app:app"
+WORKER_NAME = "aioqueue:fault-app"  # client names of the workers' connections: <this>:<role>
+SENDER_NAME = "aioqueue:fault-sender"
+ONE_PROCESS = ("--processes", "1")
 LEASE = {"worker_heartbeat_interval": "0.2", "worker_heartbeat_ttl": "1.0"}
 
 
@@ -219,6 +226,57 @@ def fault_env(
     return env
 
 
+# -- sending -------------------------------------------------------------------------------
+
+
+def new_ids(n: int, tag: str = "t") -> list[str]:
+    return [f"{tag}{i}-{uuid.uuid4().hex[:8]}" for i in range(n)]
+
+
+class Sender:
+    """Sends ``work`` one message at a time until stopped; keeps the ids whose send returned."""
+
+    def __init__(self, tasks: FaultTasks, seconds: float = 0.01) -> None:
+        self.tasks = tasks
+        self.seconds = seconds
+        self.sent: list[str] = []
+        self.failed = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            tid = f"s{len(self.sent)}-{uuid.uuid4().hex[:8]}"
+            try:
+                await self.tasks.work.options(task_id=tid).send(tid, self.seconds)
+            except AioQueueError:
+                self.failed += 1  # outcome unknown: not counted as sent
+                await asyncio.sleep(0.01)
+                continue
+            self.sent.append(tid)
+            await asyncio.sleep(0.002)
+
+    async def sent_more(self, n: int, timeout: float = 15.0) -> None:
+        """Wait until ``n`` more sends have returned."""
+        target = len(self.sent) + n
+
+        async def enough() -> bool:
+            if self._task is not None and self._task.done():
+                self._task.result()  # a send raised something that is not ours: show it
+            return len(self.sent) >= target
+
+        await poll(enough, f"{n} more sends", timeout)
+
+    async def stop(self) -> list[str]:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        return self.sent
+
+
 # -- the checker ---------------------------------------------------------------------------
 
 
@@ -358,6 +416,27 @@ class Tally:
         return text
 
 
+async def wait_results(
+    url: str, prefix: str, ids: list[str], timeout: float = 30.0, stall: float = 4.0
+) -> dict[str, dict[str, Any]]:
+    """Poll until every id has a final result; give up at ``timeout``, or once no new result
+    came for ``stall`` seconds (so a run that strands tasks fails in seconds, not minutes)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    progress = loop.time()
+    pending = list(ids)
+    found: dict[str, dict[str, Any]] = {}
+    while pending and loop.time() < min(deadline, progress + stall):
+        new = await read_results(url, prefix, pending)
+        if new:
+            found.update(new)
+            progress = loop.time()
+            pending = [tid for tid in pending if tid not in found]
+        if pending:
+            await asyncio.sleep(0.1)
+    return found
+
+
 def tally(
     sent: Iterable[str],
     results: dict[str, dict[str, Any]],
@@ -399,17 +478,25 @@ def report(scenario: str, title: str, counts: Tally, note: str = "") -> None:
 
 
 __all__ = [
+    "APP",
     "LEASE",
+    "ONE_PROCESS",
+    "SENDER_NAME",
+    "WORKER_NAME",
     "PrivateRedis",
     "PrivateVhost",
     "RunLog",
+    "Sender",
     "StoreCounter",
     "Tally",
     "fault_env",
     "free_port",
+    "locate",
+    "new_ids",
     "poll",
     "rabbitmqctl",
     "read_results",
     "report",
     "tally",
+    "wait_results",
 ]

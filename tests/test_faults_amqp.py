@@ -16,8 +16,20 @@ from pathlib import Path
 import pytest
 from conftest import AMQP_URL, require_server
 from fault_app import register
-from faultlib import PrivateRedis, PrivateVhost, RunLog, fault_env, report, tally
-from test_faults_redis import APP, ONE_PROCESS, SENDER_NAME, WORKER_NAME, Sender, wait_results
+from faultlib import (
+    APP,
+    ONE_PROCESS,
+    SENDER_NAME,
+    WORKER_NAME,
+    PrivateRedis,
+    PrivateVhost,
+    RunLog,
+    Sender,
+    fault_env,
+    report,
+    tally,
+    wait_results,
+)
 from workers import WorkerSet
 
 from aioqueue import App

@@ -27,31 +27,28 @@ import orjson
 import pytest
 from fault_app import FaultTasks, register
 from faultlib import (
+    APP,
+    ONE_PROCESS,
+    SENDER_NAME,
+    WORKER_NAME,
     PrivateRedis,
     RunLog,
+    Sender,
     StoreCounter,
     fault_env,
     locate,
+    new_ids,
     poll,
     read_results,
     report,
     tally,
+    wait_results,
 )
 from workers import WorkerProcess, WorkerSet
 
-from aioqueue import AioQueueError, App, Message
+from aioqueue import App, Message
 
 pytestmark = [pytest.mark.slow]
-
-APP = "fault_app:app"
-WORKER_NAME = "aioqueue:fault-app"  # client names of the workers' connections: <this>:<role>
-SENDER_NAME = "aioqueue:fault-sender"
-ONE_PROCESS = ("--processes", "1")
-
-
-def new_ids(n: int, tag: str = "t") -> list[str]:
-    return [f"{tag}{i}-{uuid.uuid4().hex[:8]}" for i in range(n)]
-
 
 # -- fixtures ------------------------------------------------------------------------------
 
@@ -129,32 +126,6 @@ async def send_batches(
         await app.send_batch(tasks.work, calls, None)
         sent.extend(chunk)
     return sent
-
-
-async def wait_results(
-    url: str, prefix: str, ids: list[str], timeout: float = 30.0, stall: float = 4.0
-) -> dict[str, dict[str, Any]]:
-    """Poll until every id has a final result; give up at ``timeout``, or once no new result
-    came for ``stall`` seconds (so a run that strands tasks fails in seconds, not minutes)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    progress = loop.time()
-    pending = list(ids)
-    found: dict[str, dict[str, Any]] = {}
-    while pending and loop.time() < min(deadline, progress + stall):
-        new = await read_results(url, prefix, pending)
-        if new:
-            found.update(new)
-            progress = loop.time()
-            pending = [tid for tid in pending if tid not in found]
-        if pending:
-            await asyncio.sleep(0.1)
-    return found
-
-
-def worker_pid_of(result: dict[str, Any]) -> int:
-    """The pid a ``work`` result names (``[task id, pid]``)."""
-    return int(result["result"][1])
 
 
 # -- 1. SIGKILL loops ----------------------------------------------------------------------
@@ -431,48 +402,6 @@ async def test_pool_child_death_fails_only_its_task(
 
 
 # -- 6. Redis SIGKILLed and restarted under load (AOF on) -----------------------------------
-
-
-class Sender:
-    """Sends ``work`` one message at a time until stopped; keeps the ids whose send returned."""
-
-    def __init__(self, tasks: FaultTasks, seconds: float = 0.01) -> None:
-        self.tasks = tasks
-        self.seconds = seconds
-        self.sent: list[str] = []
-        self.failed = 0
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            tid = f"s{len(self.sent)}-{uuid.uuid4().hex[:8]}"
-            try:
-                await self.tasks.work.options(task_id=tid).send(tid, self.seconds)
-            except AioQueueError:
-                self.failed += 1  # outcome unknown: not counted as sent
-                await asyncio.sleep(0.01)
-                continue
-            self.sent.append(tid)
-            await asyncio.sleep(0.002)
-
-    async def sent_more(self, n: int, timeout: float = 15.0) -> None:
-        """Wait until ``n`` more sends have returned."""
-        target = len(self.sent) + n
-
-        async def enough() -> bool:
-            return len(self.sent) >= target
-
-        await poll(enough, f"{n} more sends", timeout)
-
-    async def stop(self) -> list[str]:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-        return self.sent
 
 
 @pytest.mark.timeout(60)
