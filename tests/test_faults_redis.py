@@ -7,9 +7,9 @@ with the run log the tasks write and the results in Redis, and prints one line p
 (``sent=.. completed=.. duplicated=.. lost=..``), also kept in
 ``/tmp/aioqueue-fault-summary.txt``.
 
-Tests that fail on today's code for a defect of issue 7 are marked
-``xfail(strict=True, raises=AssertionError)`` with the item: a fixed test then fails until its
-marker is removed, and a harness error (anything but a failed assertion) still shows as one.
+Scenarios 3, 4, 7, 8, 9 and 10 failed before the fixes of issue 7 (fencing, bounded redelivery,
+reconciled lost replies, settles retried through an outage, a lease kept from a thread, bad and
+oversized bodies dead-lettered): each guards its fix now.
 """
 
 from __future__ import annotations
@@ -211,14 +211,6 @@ async def test_sigterm_drain_mid_load_loses_nothing(
 # -- 3. SIGSTOP past the lease, then SIGCONT (fencing) --------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "issue 7 contract (leases with fencing): a worker frozen past its lease still "
-        "writes its stale result when it wakes"
-    ),
-)
 @pytest.mark.timeout(40)
 async def test_frozen_worker_cannot_overwrite_the_new_attempt(
     make_workers: WorkerFactory,
@@ -306,13 +298,6 @@ async def dead_letters(server: PrivateRedis, key_prefix: str) -> list[dict[str, 
     return [orjson.loads(item) for item in raw]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "issue 7 item 6: no max_attempts; a message that kills its worker is redelivered forever"
-    ),
-)
 @pytest.mark.timeout(40)
 async def test_poison_task_is_dead_lettered_after_max_attempts(
     make_workers: WorkerFactory,
@@ -480,14 +465,6 @@ async def serve_and_cut(
     return ids
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "issue 7 item 15: a message BLMOVEd into a live worker's processing list whose "
-        "reply was lost is never run"
-    ),
-)
 @pytest.mark.timeout(60)
 async def test_connections_killed_mid_stream_lose_nothing(
     make_workers: WorkerFactory,
@@ -546,14 +523,6 @@ async def backend_server(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
         server.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "issue 7 items 4/14: settling gives up after 3.75 s and leaves the message in "
-        "the live worker's processing list"
-    ),
-)
 @pytest.mark.timeout(60)
 async def test_backend_outage_during_stores_and_waits(
     make_workers: WorkerFactory,
@@ -610,14 +579,6 @@ async def test_backend_outage_during_stores_and_waits(
 # -- 9. a task that blocks the event loop past the lease ------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "issue 7 item 12: a task blocking the loop past the lease passes between "
-        "workers (3+ runs), nothing logged"
-    ),
-)
 @pytest.mark.timeout(40)
 async def test_loop_blocking_task_runs_at_most_twice_and_is_named(
     make_workers: WorkerFactory,
@@ -761,14 +722,6 @@ def fuzzed_bad_bodies(count: int, seed: int = 7) -> list[bytes]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "issue 7 items 5/16: bad field types crash the handler (a non-string reply_to "
-        "kills the worker); the 1 MB body is kept whole in its dead letter"
-    ),
-)
 @pytest.mark.timeout(40)
 async def test_bad_bodies_are_dead_lettered_and_good_ones_run(
     make_workers: WorkerFactory,
