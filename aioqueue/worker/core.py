@@ -268,6 +268,13 @@ class Worker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except Exception:
+                # A bug of ours must not end the worker: say so loudly, back off, go on.
+                self._slots.release(held)
+                log.exception("fetch from broker failed unexpectedly; retrying in %.2fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             except BaseException:
                 self._slots.release(held)
                 raise
