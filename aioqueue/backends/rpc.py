@@ -99,6 +99,7 @@ class RpcBackend:
         *,
         key_prefix: str = "aioqueue",
         connect_timeout: float = 5.0,
+        publish_timeout: float = 30.0,
         heartbeat: float = 60.0,
         reconnect_interval: float = 1.0,
         publisher_confirms: bool = True,
@@ -109,6 +110,7 @@ class RpcBackend:
         self.broker_url = mask_url(broker_url)
         self.key_prefix = key_prefix
         self._connect_timeout = connect_timeout
+        self._publish_timeout = publish_timeout
         self._heartbeat = heartbeat
         self._reconnect_interval = reconnect_interval
         self._confirms = publisher_confirms
@@ -204,9 +206,19 @@ class RpcBackend:
         with self.errors():
             channel = await self._pool.get(self._connect_timeout)
             with guarded(channel):
-                await channel.basic_publish(
-                    outcome, exchange="", routing_key=reply_to, properties=properties
-                )
+                try:
+                    await channel.basic_publish(
+                        outcome,
+                        exchange="",
+                        routing_key=reply_to,
+                        properties=properties,
+                        timeout=self._publish_timeout,
+                    )
+                except TimeoutError as exc:
+                    raise ResultBackendError(
+                        f"{self.broker_url} did not confirm a reply within "
+                        f"{self._publish_timeout}s; it may or may not have been queued"
+                    ) from exc
 
     async def store(
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None

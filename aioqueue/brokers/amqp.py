@@ -92,6 +92,7 @@ class AmqpBroker:
         queue_type: str = "classic",
         delivery_limit: int | None = 20,
         connect_timeout: float = 5.0,
+        publish_timeout: float = 30.0,
         heartbeat: float = 60.0,
         reconnect_interval: float = 1.0,
         publisher_confirms: bool = True,
@@ -109,6 +110,7 @@ class AmqpBroker:
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
         self.connect_timeout = connect_timeout
+        self.publish_timeout = publish_timeout
         self.heartbeat = heartbeat
         self.reconnect_interval = reconnect_interval
         self.publisher_confirms = publisher_confirms
@@ -237,13 +239,23 @@ class AmqpBroker:
         with self.errors():
             channel = await self._pool.get(self.connect_timeout)
             with guarded(channel):
-                await channel.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=True,
-                )
+                try:
+                    await channel.basic_publish(
+                        body,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        properties=properties,
+                        mandatory=True,
+                        timeout=self.publish_timeout,
+                    )
+                except TimeoutError as exc:
+                    # aiormq withdraws a publish it had not written yet; one it had written may
+                    # or may not be queued: sending again with the same task id is safe.
+                    raise BrokerError(
+                        f"broker at {self.url} did not confirm a publish within "
+                        f"{self.publish_timeout}s (a resource alarm, or a link that stopped "
+                        "answering); the message may or may not have been queued"
+                    ) from exc
 
     async def publish(self, queue: str, body: bytes) -> None:
         if queue not in self._declared or not self._declared[queue].done():
