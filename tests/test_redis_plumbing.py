@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import socket
 import subprocess
@@ -528,3 +529,51 @@ async def test_eviction_warning_raises_when_redis_is_unreachable() -> None:
             await eviction_warning(batcher)
         with pytest.raises(BrokerConnectionError):
             await eviction_warning(batcher._client)
+
+
+async def test_an_idle_result_listener_outlives_the_socket_timeout(
+    redis_url: str,
+    key_prefix: str,
+    redis_cleanup: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Pub/sub reads wait for pushes without end; the socket timeout must not cut them.
+
+    redis-py before 8.0 bounds a blocking pub/sub read by ``socket_timeout``: an idle listener
+    there drops and resubscribes every ``socket_timeout`` seconds, and pushes sent meanwhile
+    are lost. This is what sets the lowest redis-py version in pyproject.toml.
+    """
+    from aioqueue import _redis
+    from aioqueue.backends.redis import RedisBackend
+
+    monkeypatch.setattr(_redis, "SOCKET_TIMEOUT", 0.2)
+    caplog.set_level(logging.WARNING, logger="aioqueue")
+    backend = RedisBackend(redis_url, key_prefix=key_prefix, connect_timeout=2)
+    try:
+        await backend.start_listening()
+        # Quiet for five socket timeouts: the absence of an event has nothing else to wait on.
+        await asyncio.sleep(1.0)
+        assert not caplog.records, [r.getMessage() for r in caplog.records]
+        await backend.store("t1", b"outcome", ttl=60, reply_to=backend.reply_to())
+        assert await backend.wait("t1", timeout=5) == b"outcome"
+    finally:
+        await backend.aclose()
+
+
+async def test_an_unreachable_redis_fails_client_calls_at_once_every_time() -> None:
+    """A failed connect gives its pool slot back (redis-py 5.0's blocking pool deadlocked)."""
+    url = f"redis://127.0.0.1:{_free_port()}/0"
+    client = connect_redis(
+        url, connect_timeout=1, client_name="t", max_connections=1, pool_timeout=3
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(3):
+            started = loop.time()
+            with pytest.raises(BrokerConnectionError) as caught, redis_errors_as(url):
+                await client.ping()
+            assert loop.time() - started < 2.0
+            assert "No connection available" not in str(caught.value)
+    finally:
+        await client.aclose()

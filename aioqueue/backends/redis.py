@@ -36,6 +36,10 @@ __all__ = ["RedisBackend"]
 log = logging.getLogger("aioqueue.backend.redis")
 
 _RECENT_CACHE_SIZE = 10_000
+# The listener reads with a timeout of its own: redis-py before 8.0 would otherwise cut a
+# blocking pub/sub read at the client's socket timeout and drop the subscription. Between
+# slices redis-py's health check pings a quiet connection, so a silently dead one is found.
+_READ_SLICE = 10.0
 
 
 class _Listener:
@@ -87,7 +91,7 @@ class _Listener:
         self._pubsub = self._backend.client.pubsub()
         await self._pubsub.subscribe(self.channel, *[c for c in self._subscribed])
         while True:
-            message = await self._pubsub.get_message(timeout=None)
+            message = await self._pubsub.get_message(timeout=_READ_SLICE)
             if message is not None:
                 self._dispatch(message)
 
