@@ -40,8 +40,9 @@ RedisClient = Any
 Stage = Callable[["Commands"], object]
 _MAX_BATCH = 512
 REPLY_DEADLINE = 30.0  # seconds for a whole batch's replies before the link counts as dead
-# Every redis-py read and write gives up after this. It must exceed the longest block of a
-# blocking command sent through redis-py (BLMOVE waits 1 s at a time, through a batcher).
+# Every redis-py read and write gives up after this, so a blocking command sent through a
+# redis-py client must block for less. BLMOVE (1 s at a time) goes through a batcher, whose
+# REPLY_DEADLINE bounds it the same way; the result listener reads pub/sub in timed slices.
 SOCKET_TIMEOUT = 30.0
 MAX_CONNECTIONS = 100  # per client; callers past it queue for a connection (POOL_TIMEOUT)
 POOL_TIMEOUT = 30.0
