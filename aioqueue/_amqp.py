@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import os
 import socket
@@ -29,7 +30,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import AbstractChannel
 from yarl import URL
 
-from .config import mask_url
+from .config import MASK, mask_url
 from .errors import AioQueueError, BrokerConnectionError, BrokerError
 
 __all__ = [
@@ -111,6 +112,10 @@ async def open_connection(
         query["heartbeat"] = str(int(heartbeat))
     if "reconnect_interval" not in parsed.query:
         query["reconnect_interval"] = str(reconnect_interval)
+    if "name" not in parsed.query:
+        # aiormq's own query option: aio-pika 9.4 drops client_properties given
+        # beside a URL, and the name is what ``rabbitmqctl list_connections`` shows.
+        query["name"] = name
     try:
         return await aio_pika.connect_robust(
             parsed.update_query(query),
@@ -118,7 +123,50 @@ async def open_connection(
             timeout=timeout,
         )
     except Exception as exc:  # aio-pika raises a wide variety here; all mean "cannot connect"
-        _raise(error, f"cannot connect to {mask_url(url)}: {exc!r}", exc)
+        reason = _connect_failure(exc, parsed, timeout)
+        _raise(error, f"cannot connect to {mask_url(url)}: {reason}", exc)
+
+
+def _connect_failure(exc: BaseException, url: URL, timeout: float) -> str:
+    """Why a connection attempt failed, in plain words instead of aiormq's frame reprs.
+
+    The server's reason, when there is one, travels in a ``Connection.Close`` frame that
+    aiormq puts in the exception's arguments (6.x) or only into its message (7.x, as
+    ``<Connection.Close object at 0x...>``), so both are looked at.
+    """
+    user = url.user or "guest"
+    vhost = url.path[1:] or "/"
+    close = next((a for a in exc.args if hasattr(a, "reply_code")), None)
+    said = f" ({close.reply_code} {close.reply_text})" if close is not None else ""
+    text = str(exc)
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError) or "ACCESS_REFUSED" in text:
+        return f"access refused: RabbitMQ rejected the user name or password of user {user!r}"
+    if isinstance(exc, aiormq.exceptions.ConnectionNotAllowed) or (
+        "Connection.Close" in text and "OpenOk" in text
+    ):
+        return (
+            f"RabbitMQ refused virtual host {vhost!r}{said}: it does not exist, or user "
+            f"{user!r} has no permission on it"
+        )
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout}s (is {url.host}:{url.port} an AMQP server?)"
+    code = _errno(exc)
+    if code == errno.ECONNREFUSED or isinstance(exc, ConnectionRefusedError):
+        return f"connection refused: nothing listens on {url.host}:{url.port}"
+    if isinstance(exc, socket.gaierror) or (code is not None and code < 0):
+        return f"cannot resolve host name {url.host!r}"
+    detail = text if close is None else f"{close.reply_code} {close.reply_text}"
+    if url.password:
+        detail = detail.replace(url.password, MASK)
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def _errno(exc: BaseException) -> int | None:
+    """The OS error number, also when aiormq re-raised it as ``AMQPConnectionError(n, text)``."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    first = exc.args[0] if exc.args else None
+    return first if isinstance(first, int) else None
 
 
 async def close_quietly(

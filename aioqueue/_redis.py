@@ -4,6 +4,9 @@ The one idea here is :class:`CommandBatcher`: every coroutine that wants a write
 small "stage" function; whatever accumulates while the previous round trip is in flight goes out
 as the next pipeline. Many concurrent sends, acks and result stores then cost one round trip per
 batch instead of one each, without any coroutine waiting longer than one round trip extra.
+
+The batcher speaks over a connection of its own (:mod:`._redis_link`); everything else goes
+through redis-py clients made by :func:`connect_redis`, with socket timeouts and a blocking pool.
 """
 
 from __future__ import annotations
@@ -16,29 +19,66 @@ from typing import Any, NoReturn
 
 from hiredis import pack_command
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
+from ._redis_link import LinkSettings, RedisLink, link_settings, reply_error
 from .config import mask_url
-from .errors import AioQueueError, BrokerConnectionError, BrokerError
+from .errors import AioQueueError, BrokerConnectionError, BrokerError, ConfigurationError
 
-__all__ = ["CommandBatcher", "Commands", "Script", "Stage", "connect_redis", "redis_errors_as"]
+__all__ = [
+    "CommandBatcher",
+    "Commands",
+    "Script",
+    "Stage",
+    "connect_redis",
+    "eviction_warning",
+    "redis_errors_as",
+]
 
 # redis-py's annotations assume str replies; we speak bytes, so clients are typed loosely.
 RedisClient = Any
 Stage = Callable[["Commands"], object]
 _MAX_BATCH = 512
-_REPLY_DEADLINE = 30.0  # seconds for a whole batch's replies before the link counts as dead
+REPLY_DEADLINE = 30.0  # seconds for a whole batch's replies before the link counts as dead
+# Every redis-py read and write gives up after this, so a blocking command sent through a
+# redis-py client must block for less. BLMOVE (1 s at a time) goes through a batcher, whose
+# REPLY_DEADLINE bounds it the same way; the result listener reads pub/sub in timed slices.
+SOCKET_TIMEOUT = 30.0
+MAX_CONNECTIONS = 100  # per client; callers past it queue for a connection (POOL_TIMEOUT)
+POOL_TIMEOUT = 30.0
 
 
-def connect_redis(url: str, *, connect_timeout: float, client_name: str) -> RedisClient:
-    """A client for ``redis://``, ``rediss://`` or ``unix://`` URLs (connects lazily)."""
-    return Redis.from_url(
-        url,
-        socket_connect_timeout=connect_timeout,
-        socket_keepalive=True,
-        health_check_interval=30,
-        client_name=client_name,
-    )
+def connect_redis(
+    url: str,
+    *,
+    connect_timeout: float,
+    client_name: str,
+    socket_timeout: float | None = None,
+    max_connections: int | None = None,
+    pool_timeout: float | None = None,
+) -> RedisClient:
+    """A client for ``redis://``, ``rediss://`` or ``unix://`` URLs (connects lazily).
+
+    Unset limits take the module's values (:data:`SOCKET_TIMEOUT` and so on) at call time. The
+    pool blocks: past ``max_connections`` a caller waits up to ``pool_timeout`` for a
+    connection to come back instead of failing with "Too many connections".
+    """
+    # TCP only: redis-py's unix socket connection refuses the keepalive option.
+    tcp = {} if url.lower().startswith("unix:") else {"socket_keepalive": True}
+    try:
+        pool = BlockingConnectionPool.from_url(
+            url,
+            **tcp,
+            max_connections=max_connections or MAX_CONNECTIONS,
+            timeout=POOL_TIMEOUT if pool_timeout is None else pool_timeout,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=SOCKET_TIMEOUT if socket_timeout is None else socket_timeout,
+            health_check_interval=30,
+            client_name=client_name,
+        )
+    except ValueError as exc:  # redis-py's word for a URL it cannot parse
+        raise ConfigurationError(f"invalid Redis URL {mask_url(url)!r}: {exc}") from exc
+    return Redis.from_pool(pool)
 
 
 @contextlib.contextmanager
@@ -158,12 +198,16 @@ class CommandBatcher:
         self,
         client: RedisClient,
         translate: Callable[[], contextlib.AbstractContextManager[None]],
+        *,
+        reply_deadline: float = REPLY_DEADLINE,
     ) -> None:
         self._client = client
         self._translate = translate
+        self._deadline = reply_deadline
         self._pending: list[tuple[Stage, asyncio.Future[Any]]] = []
         self._busy = False
-        self._conn: Any = None
+        self._settings: LinkSettings | None = None
+        self._link: RedisLink | None = None
 
     async def run(self, stage: Stage) -> Any:
         """Send ``stage``'s commands; returns the reply to its last command."""
@@ -219,48 +263,127 @@ class CommandBatcher:
             self._after_batch()
 
     def _result_of(self, replies: list[Any]) -> Any:
-        failed = next((r for r in replies if isinstance(r, Exception)), None)
+        failed = next((r for r in replies if isinstance(r, redis_errors.ResponseError)), None)
         if failed is not None:
             with self._translate():
-                raise failed
+                raise reply_error(failed)
         return replies[-1] if replies else None
 
     async def _roundtrip(self, stack: list[tuple[Any, ...]]) -> list[Any]:
         """Write every command, then read every reply; error replies come back as values.
 
-        Packing with hiredis, writing straight to the connection's stream and reading from its
-        parser under one deadline for the whole batch skips redis-py's per-command wrappers (a
-        task per write for its timeout, a timeout context and encoder per reply), which were
-        the largest costs of both the worker's settle step and a lone ``send()``.
+        One write and one deadline for the whole batch, on a connection of the batcher's own
+        (see :mod:`._redis_link` for why not redis-py's): per-command wrappers (a timeout
+        context per reply, a task per write) were the largest costs of both the worker's settle
+        step and a lone ``send()``. A link whose state is unknown after an error, a cancellation
+        or the deadline is aborted, never reused: the next batch connects afresh.
         """
+        if not stack:
+            return []
+        payload = b"".join([pack_command(command) for command in stack])
         with self._translate():
-            if self._conn is None:
-                self._conn = await self._client.connection_pool.get_connection()
-            conn = self._conn
+            link = await self._ready_link()
             try:
-                if not conn.is_connected:
-                    await conn.connect()
-                payload = b"".join([pack_command(command) for command in stack])
-                read = conn._parser.read_response
-                async with asyncio.timeout(_REPLY_DEADLINE):
-                    writer = conn._writer
-                    writer.write(payload)
-                    await writer.drain()
-                    return [await read(disable_decoding=True) for _ in stack]
+                async with asyncio.timeout(self._deadline):
+                    return await link.roundtrip(payload, len(stack))
+            except TimeoutError as exc:
+                self._drop(link)
+                raise redis_errors.TimeoutError(
+                    f"no reply from Redis within {self._deadline}s"
+                ) from exc
             except BaseException:
-                # The connection's state is unknown (replies may be unread): start afresh.
-                self._conn = None
-                await self._discard(conn)
+                self._drop(link)
                 raise
 
-    async def _discard(self, conn: Any) -> None:
-        with contextlib.suppress(Exception):
-            await conn.disconnect(nowait=True)
-        with contextlib.suppress(Exception):
-            await self._client.connection_pool.release(conn)
+    async def _ready_link(self) -> RedisLink:
+        link = self._link
+        if link is not None and link.usable:
+            return link
+        # Never used, or the server closed it while idle: nothing of ours was lost with it.
+        if link is not None:
+            self._drop(link)
+        if self._settings is None:
+            self._settings = link_settings(self._client)
+        self._link = await RedisLink.open(self._settings)
+        return self._link
+
+    def _drop(self, link: RedisLink) -> None:
+        if self._link is link:
+            self._link = None
+        link.abort()
 
     async def aclose(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await self._client.connection_pool.release(conn)
+        """Close the connection; a batch in flight on it fails with a connection error."""
+        link, self._link = self._link, None
+        if link is not None:
+            await link.aclose()
+
+
+# -- start-up checks --------------------------------------------------------------------------
+
+
+async def eviction_warning(target: CommandBatcher | RedisClient) -> str | None:
+    """A one-line warning when Redis may evict keys that have no TTL, else None.
+
+    Queues and processing lists have no TTL: under ``allkeys-*`` policies a full Redis deletes
+    waiting and running tasks without a trace. ``noeviction`` (writes fail loudly instead) and
+    the ``volatile-*`` policies (only keys with a TTL go) are safe. Managed Redis services often
+    disable or rename CONFIG, or an ACL denies it: nothing can be said then, and None comes
+    back. Connection errors are raised, as :class:`~aioqueue.errors.BrokerConnectionError`.
+    """
+    try:
+        if isinstance(target, CommandBatcher):
+            reply = await target.run(_stage_config_get)
+        else:
+            with redis_errors_as(_describe(target)):
+                reply = await target.execute_command("CONFIG", "GET", _POLICY)
+    except AioQueueError as exc:
+        if isinstance(exc.__cause__, redis_errors.ResponseError):
+            return None  # CONFIG disabled, renamed or not permitted
+        raise
+    policy = _policy_in(reply)
+    if policy is None or policy == "noeviction" or policy.startswith("volatile-"):
+        return None
+    return (
+        f"Redis maxmemory-policy is {policy!r}: when memory runs out Redis may evict keys "
+        "without a TTL, which include queues and tasks in progress; set maxmemory-policy to "
+        "'noeviction' (or a 'volatile-*' policy) on this server"
+    )
+
+
+_POLICY = "maxmemory-policy"
+
+
+def _stage_config_get(pipe: Commands) -> None:
+    pipe.stack.append(("CONFIG", "GET", _POLICY))
+
+
+def _policy_in(reply: Any) -> str | None:
+    """The policy from CONFIG GET's reply: a flat [name, value] list, or a dict (RESP3)."""
+    if isinstance(reply, dict):
+        pairs = list(reply.items())
+    elif isinstance(reply, list | tuple):
+        pairs = list(zip(reply[::2], reply[1::2], strict=False))
+    else:
+        return None
+    for name, value in pairs:
+        if _text(name) == _POLICY:
+            return _text(value).lower()
+    return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _describe(client: RedisClient) -> str:
+    """A URL naming the client's server (no credentials), for error messages."""
+    settings = client.connection_pool.connection_kwargs
+    if settings.get("path"):
+        return f"unix://{settings['path']}"
+    host, port, db = (
+        settings.get("host", "localhost"),
+        settings.get("port", 6379),
+        settings.get("db", 0),
+    )
+    return f"redis://{host}:{port}/{db}"

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from .errors import ConfigurationError
 
@@ -26,6 +26,9 @@ __all__ = ["Config", "mask_secrets", "mask_url"]
 
 ENV_PREFIX = "AIOQUEUE_"
 _SECRET_NAME = re.compile(r"API|TOKEN|KEY|SECRET|PASS|SIGNATURE", re.IGNORECASE)
+# URL query parameters that carry secrets (redis-py takes ?password=), but not file names.
+_SECRET_PARAM = re.compile(r"PASS|TOKEN|SECRET|KEY|SIGNATURE|CREDENTIAL", re.IGNORECASE)
+_NOT_SECRET_PARAM = re.compile(r"(FILE|PATH|DIR)$", re.IGNORECASE)
 # Settings whose names look secret but are not (the prefix of Redis keys is not a key).
 _NOT_SECRET = frozenset({"key_prefix"})
 # Environment names that differ from the setting name, as Celery users know them.
@@ -67,13 +70,22 @@ class Config:
     _explicit: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def update(self, values: Mapping[str, Any]) -> None:
-        """Apply settings by name; an unknown name is an error, never silently ignored."""
+        """Apply settings by name; an unknown name is an error, never silently ignored.
+
+        All or nothing: when the result is invalid, the settings stay as they were.
+        """
         names = self.names()
-        for name, value in values.items():
+        for name in values:
             if name not in names:
                 raise ConfigurationError(f"unknown setting {name!r}; known: {', '.join(names)}")
-            self._explicit[name] = value
-        self._resolve()
+        previous = dict(self._explicit)
+        self._explicit.update(values)
+        try:
+            self._resolve()
+        except ConfigurationError:
+            self._explicit = previous
+            self._resolve()
+            raise
 
     def from_object(self, obj: object | str) -> None:
         """Take known settings (any case) from a module, class, instance, mapping or import path."""
@@ -108,6 +120,20 @@ class Config:
             if raw is not None:
                 value = _coerce(f.name, raw, default)
             setattr(self, f.name, _normalise(f.name, value))
+        self._check()
+
+    def _check(self) -> None:
+        """Reject combinations that cannot work (single values are checked where used)."""
+        interval, ttl = self.worker_heartbeat_interval, self.worker_heartbeat_ttl
+        numbers = all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in (interval, ttl)
+        )
+        if not numbers or not 0 < interval < ttl:
+            raise ConfigurationError(
+                f"worker_heartbeat_ttl ({ttl!r}) must exceed worker_heartbeat_interval "
+                f"({interval!r}), a positive number of seconds: a heartbeat that expires "
+                "before it is renewed makes live workers look dead, and their tasks run twice"
+            )
 
     def __post_init__(self) -> None:
         self._resolve()
@@ -155,20 +181,41 @@ def _normalise(name: str, value: Any) -> Any:
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced, for errors, logs and reprs."""
+    """The URL with any password replaced, for errors, logs and reprs.
+
+    Both places a password can travel are masked: the userinfo (``redis://:pw@host``) and the
+    query (``redis://host/0?password=pw``, and any parameter named like a secret).
+    """
     try:
         parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user = parts.username or ""
+            host = parts.hostname or ""
+            if ":" in host:
+                host = f"[{host}]"
+            if parts.port is not None:
+                host = f"{host}:{parts.port}"
+            netloc = f"{user}:{MASK}@{host}"
     except ValueError:
         return MASK
-    if parts.password is None:
+    query = _mask_query(parts.query)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _mask_query(query: str) -> str:
+    if not query:
+        return query
+    pieces = []
+    for piece in query.split("&"):
+        name, sep, value = piece.partition("=")
+        key = unquote_plus(name)
+        if sep and value and _SECRET_PARAM.search(key) and not _NOT_SECRET_PARAM.search(key):
+            piece = f"{name}={MASK}"
+        pieces.append(piece)
+    return "&".join(pieces)
 
 
 def mask_secrets(values: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:

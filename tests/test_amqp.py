@@ -2,7 +2,8 @@
 
 Every app here uses a key prefix of its own (queues ``<prefix>.<queue>``) and deletes the queues
 it declared when it closes. ``rabbitmqctl`` (run as root here) closes the test's own named
-connections and sets a policy on the test's own queues; nothing else on the server is touched.
+connections and sets policies only in a virtual host of the test's own, deleted after it;
+nothing else on the server is touched.
 """
 
 from __future__ import annotations
@@ -117,27 +118,40 @@ async def test_thousand_concurrent_sends_share_a_small_channel_pool(amqp_app: Ap
         assert await broker.queue_length("default") == 1000
 
 
-async def test_nack_raises_broker_error(amqp_app: AppMaker, key_prefix: str) -> None:
-    app = amqp_app()
+@pytest.fixture
+async def own_vhost(key_prefix: str) -> AsyncIterator[tuple[str, str]]:
+    """A RabbitMQ virtual host of this test's own, for policies: (its name, a URL into it).
+
+    Requested before the app fixture, so it is deleted after every app on it has closed.
+    """
+    require_server(AMQP_URL, "RabbitMQ")
+    vhost = key_prefix
+    await rabbitmqctl("add_vhost", vhost)
+    try:
+        await rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield vhost, AMQP_URL.rstrip("/") + "/" + vhost
+    finally:
+        await rabbitmqctl("delete_vhost", vhost)
+
+
+async def test_nack_raises_broker_error(
+    own_vhost: tuple[str, str], amqp_app: AppMaker, key_prefix: str
+) -> None:
+    vhost, url = own_vhost
+    app = amqp_app(broker=url)
     crash = app.tasks["amqp_cli_app.crash"]
-    policy = f"{key_prefix}-full"
     async with app:
         await crash.send()  # declares the queue
+        # Policies go on the test's own vhost, never on the shared default one.
         await rabbitmqctl(
-            "set_policy",
-            "--apply-to",
-            "queues",
-            policy,
+            *("set_policy", "-p", vhost, "--apply-to", "queues", f"{key_prefix}-full"),
             f"^{key_prefix}\\.default$",
             '{"max-length":1,"overflow":"reject-publish"}',
         )
-        try:
-            with pytest.raises(BrokerError, match="nack") as caught:
-                for _ in range(50):  # the policy takes effect within moments
-                    await crash.send()
-            assert "guest:guest" not in str(caught.value)
-        finally:
-            await rabbitmqctl("clear_policy", policy)
+        with pytest.raises(BrokerError, match="nack") as caught:
+            for _ in range(50):  # the policy takes effect within moments
+                await crash.send()
+        assert "guest:guest" not in str(caught.value)
 
 
 async def test_lost_connection_fails_sends_loudly_and_sending_recovers(

@@ -16,6 +16,64 @@ def test_mask_url_hides_only_the_password() -> None:
     assert mask_url("redis://host:6379/0") == "redis://host:6379/0"
 
 
+def test_mask_url_hides_passwords_given_as_query_parameters() -> None:
+    masked = mask_url("redis://host:6379/0?password=s3cret&db=2")
+    assert masked == f"redis://host:6379/0?password={MASK}&db=2"
+    # Any parameter named like a secret; file names and the rest are kept as written.
+    url = (
+        "rediss://u:pw@h/0?ssl_password=k3y&access_token=t0k&ssl_keyfile=/etc/k.pem"
+        "&client_secret=shh&ssl_cert_reqs=none"
+    )
+    masked = mask_url(url)
+    for secret in ("pw", "k3y", "t0k", "shh"):
+        assert f"={secret}" not in masked and f":{secret}@" not in masked
+    assert "ssl_keyfile=/etc/k.pem" in masked and "ssl_cert_reqs=none" in masked
+    assert mask_url("amqp://guest@h/v?heartbeat=30") == "amqp://guest@h/v?heartbeat=30"
+
+
+def test_query_password_never_shows_in_conf() -> None:
+    app = App("q", broker="redis://127.0.0.1:6379/0?password=hunter2")
+    for text in (app.conf.humanize(), repr(app.conf), str(app.conf.table()), repr(app)):
+        assert "hunter2" not in text
+
+
+async def test_unreachable_redis_with_query_password_hides_it() -> None:
+    app = App("down", broker="redis://127.0.0.1:1/0?password=topsecret", broker_connect_timeout=1)
+
+    @app.task
+    async def noop() -> None:
+        return None
+
+    with pytest.raises(BrokerConnectionError) as caught:
+        await noop.send()
+    assert "127.0.0.1:1" in str(caught.value) and "topsecret" not in str(caught.value)
+    await app.close()
+
+
+def test_heartbeat_ttl_must_exceed_its_interval() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        App("hb", worker_heartbeat_interval=5, worker_heartbeat_ttl=5)
+    assert "worker_heartbeat_ttl (5)" in str(caught.value)
+    assert "worker_heartbeat_interval (5)" in str(caught.value)
+    with pytest.raises(ConfigurationError, match=r"worker_heartbeat_ttl \(10"):
+        App("hb", worker_heartbeat_interval=12.5)  # against the default TTL
+    conf = Config()
+    with pytest.raises(ConfigurationError):
+        conf.update({"worker_heartbeat_ttl": 1})
+    # A refused update changes nothing: the old values stay, and later updates still work.
+    assert (conf.worker_heartbeat_interval, conf.worker_heartbeat_ttl) == (2.0, 10.0)
+    conf.update({"worker_heartbeat_interval": 20, "worker_heartbeat_ttl": 60})
+    assert (conf.worker_heartbeat_interval, conf.worker_heartbeat_ttl) == (20, 60)
+
+
+def test_heartbeat_ttl_from_the_environment_is_checked_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AIOQUEUE_WORKER_HEARTBEAT_TTL", "1.5")
+    with pytest.raises(ConfigurationError, match="worker_heartbeat_ttl"):
+        Config()
+
+
 def test_humanize_table_and_repr_mask_secrets() -> None:
     class Settings:
         broker_url = "redis://:hunter2@127.0.0.1:6379/3"

@@ -554,8 +554,8 @@ class _RedisConsumer:
         waiters, self._waiters = self._waiters, {}
         if not waiters:
             return
-        if self._blocking is not None:
-            await self._blocking.connection_pool.disconnect()
+        for waiter in self._blockers.values():
+            await waiter.aclose()
         for queue, task in waiters.items():
             try:
                 async with asyncio.timeout(2.0):
