@@ -215,14 +215,28 @@ class CommandBatcher:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._pending.append((stage, future))
             return await future
+        payload, count = self._pack(stage)  # a command that cannot be sent fails alone
         self._busy = True
         try:
-            commands = Commands()
-            stage(commands)
-            replies = await self._roundtrip(commands.stack)
+            replies = await self._roundtrip(payload, count)
         finally:
             self._after_batch()
         return self._result_of(replies)
+
+    def _pack(self, stage: Stage) -> tuple[bytes, int]:
+        """The stage's commands as one RESP payload, and how many replies they will get.
+
+        Packed per stage, so a value that cannot be sent (a bug, or a field a message should
+        never have carried) fails its own caller instead of every write in the batch.
+        """
+        commands = Commands()
+        stage(commands)
+        try:
+            payload = b"".join([pack_command(command) for command in commands.stack])
+        except (TypeError, ValueError) as exc:
+            with self._translate():
+                raise redis_errors.DataError(f"cannot send a command: {exc}") from exc
+        return payload, len(commands.stack)
 
     def _after_batch(self) -> None:
         if self._pending:
@@ -234,15 +248,11 @@ class CommandBatcher:
         batch = self._pending[:_MAX_BATCH]
         del self._pending[:_MAX_BATCH]
         try:
-            commands = Commands()
-            ends = []
-            for stage, _ in batch:
-                stage(commands)
-                ends.append(len(commands.stack))
+            waiting, payload, ends = self._pack_batch(batch)
             try:
-                replies = await self._roundtrip(commands.stack)
+                replies = await self._roundtrip(payload, ends[-1] if ends else 0)
             except BaseException as exc:
-                for _, future in batch:
+                for future in waiting:
                     if not future.done():
                         if isinstance(exc, Exception):
                             future.set_exception(exc)
@@ -252,7 +262,7 @@ class CommandBatcher:
                     raise
                 return
             start = 0
-            for (_, future), end in zip(batch, ends, strict=True):
+            for future, end in zip(waiting, ends, strict=True):
                 if not future.done():  # a cancelled submitter: its write still happened
                     try:
                         future.set_result(self._result_of(replies[start:end]))
@@ -262,6 +272,28 @@ class CommandBatcher:
         finally:
             self._after_batch()
 
+    def _pack_batch(
+        self, batch: list[tuple[Stage, asyncio.Future[Any]]]
+    ) -> tuple[list[asyncio.Future[Any]], bytes, list[int]]:
+        """(the futures of the stages that packed, their payload, where each one's replies end);
+        a stage that cannot be packed gets its error now and is left out."""
+        waiting: list[asyncio.Future[Any]] = []
+        parts: list[bytes] = []
+        ends: list[int] = []
+        total = 0
+        for stage, future in batch:
+            try:
+                payload, count = self._pack(stage)
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            waiting.append(future)
+            parts.append(payload)
+            total += count
+            ends.append(total)
+        return waiting, b"".join(parts), ends
+
     def _result_of(self, replies: list[Any]) -> Any:
         failed = next((r for r in replies if isinstance(r, redis_errors.ResponseError)), None)
         if failed is not None:
@@ -269,7 +301,7 @@ class CommandBatcher:
                 raise reply_error(failed)
         return replies[-1] if replies else None
 
-    async def _roundtrip(self, stack: list[tuple[Any, ...]]) -> list[Any]:
+    async def _roundtrip(self, payload: bytes, count: int) -> list[Any]:
         """Write every command, then read every reply; error replies come back as values.
 
         One write and one deadline for the whole batch, on a connection of the batcher's own
@@ -278,14 +310,13 @@ class CommandBatcher:
         step and a lone ``send()``. A link whose state is unknown after an error, a cancellation
         or the deadline is aborted, never reused: the next batch connects afresh.
         """
-        if not stack:
+        if not count:
             return []
-        payload = b"".join([pack_command(command) for command in stack])
         with self._translate():
             link = await self._ready_link()
             try:
                 async with asyncio.timeout(self._deadline):
-                    return await link.roundtrip(payload, len(stack))
+                    return await link.roundtrip(payload, count)
             except TimeoutError as exc:
                 self._drop(link)
                 raise redis_errors.TimeoutError(

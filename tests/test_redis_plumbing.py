@@ -225,6 +225,33 @@ async def test_an_error_reply_fails_only_its_own_stage(fake: FakeRedis) -> None:
     assert fake.connections == 1  # an error reply leaves the connection in a known state
 
 
+async def test_a_value_that_cannot_be_sent_fails_only_its_own_stage(fake: FakeRedis) -> None:
+    """A stage carrying something RESP cannot encode (here a dict) fails alone, as a BrokerError,
+    both inline and inside a batch; the other stages of that batch are sent and answered."""
+
+    def unsendable(pipe: Commands) -> None:
+        pipe.publish("c", {"not": "bytes"})  # type: ignore[arg-type]
+
+    async with batcher_for(fake.url()) as batcher:
+        with pytest.raises(BrokerError, match="cannot send a command"):
+            await batcher.run(unsendable)
+        release, hold = await gated(fake)
+        fake.rules[b"gate"] = hold
+        gate = asyncio.ensure_future(batcher.run(push(b"gate")))
+        await wait_until(_true_when(lambda: b"gate" in fake.values()))
+        tasks = [
+            asyncio.ensure_future(batcher.run(stage))
+            for stage in (push(b"a"), unsendable, push(b"c"))
+        ]
+        await asyncio.sleep(0)
+        release.set()
+        assert await gate == b"gate"
+        first, bad, last = await asyncio.gather(*tasks, return_exceptions=True)
+        assert (first, last) == (b"a", b"c")
+        assert isinstance(bad, BrokerError) and "cannot send a command" in str(bad)
+    assert fake.connections == 1
+
+
 async def test_a_connection_dying_mid_batch_fails_that_batch_and_the_next_reconnects(
     fake: FakeRedis,
 ) -> None:
