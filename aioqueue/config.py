@@ -59,6 +59,7 @@ class Config:
     worker_heartbeat_interval: float = 2.0
     worker_heartbeat_ttl: float = 10.0
     broker_connect_timeout: float = 5.0
+    broker_publish_timeout: float = 30.0
     # AMQP (amqp://, amqps://) and the rpc:// result backend; see brokers/amqp.py.
     amqp_queue_type: str = "classic"
     amqp_delivery_limit: int = 20
@@ -133,6 +134,16 @@ class Config:
                 f"worker_heartbeat_ttl ({ttl!r}) must exceed worker_heartbeat_interval "
                 f"({interval!r}), a positive number of seconds: a heartbeat that expires "
                 "before it is renewed makes live workers look dead, and their tasks run twice"
+            )
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ConfigurationError(
+                f"max_attempts must be a whole number of at least 1, not {attempts!r}"
+            )
+        timeout = self.broker_publish_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ConfigurationError(
+                f"broker_publish_timeout must be a positive number of seconds, not {timeout!r}"
             )
 
     def __post_init__(self) -> None:

@@ -152,3 +152,20 @@ async def test_unreachable_redis_names_url_without_password(
     assert "127.0.0.1:1" in text and MASK in text and "topsecret" not in text
     assert "topsecret" not in caplog.text
     await app.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "bad"),
+    [
+        ("max_attempts", 0),
+        ("max_attempts", -2),
+        ("max_attempts", 2.5),
+        ("max_attempts", True),
+        ("broker_publish_timeout", 0),
+        ("broker_publish_timeout", -1.0),
+        ("broker_publish_timeout", "soon"),
+    ],
+)
+def test_limits_must_be_usable(setting: str, bad: object) -> None:
+    with pytest.raises(ConfigurationError, match=setting):
+        App("limits", **{setting: bad})

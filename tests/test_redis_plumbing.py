@@ -539,6 +539,21 @@ async def test_eviction_warning_names_a_policy_that_evicts_queues(
             assert (await eviction_warning(batcher) is not None) is warns, policy
 
 
+async def test_a_redis_broker_warns_at_connect_when_its_server_may_evict_queues(
+    private_redis: Callable[..., PrivateRedis], caplog: pytest.LogCaptureFixture
+) -> None:
+    from aioqueue import App
+
+    server = private_redis("--maxmemory-policy", "allkeys-lru")
+    await server.ready()
+    caplog.set_level(logging.WARNING, "aioqueue.broker.redis")
+    app = App("evictable", broker=server.url)
+    async with app:
+        pass
+    warnings = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+    assert len(warnings) == 1 and "allkeys-lru" in warnings[0]
+
+
 async def test_no_eviction_warning_when_config_is_disabled(
     private_redis: Callable[..., PrivateRedis],
 ) -> None:

@@ -47,6 +47,7 @@ from .._redis import (
     RedisClient,
     Script,
     connect_redis,
+    eviction_warning,
     redis_errors_as,
 )
 from ..config import mask_url
@@ -615,8 +616,12 @@ class RedisBroker:
         return keys
 
     async def connect(self) -> None:
+        """Check the server answers, and warn once if it may evict queue keys when full."""
         with self.errors():
             await self.client.ping()
+        warning = await eviction_warning(self.batcher)
+        if warning is not None:
+            log.warning("%s: %s", self.url, warning)
 
     async def publish(self, queue: str, body: bytes) -> None:
         key = self.keys(queue).queue
