@@ -126,8 +126,17 @@ class Commands:
     def lrem(self, key: str, count: int, value: bytes) -> None:
         self.stack.append(("LREM", key, count, value))
 
-    def set(self, key: str, value: bytes, *, px: int) -> None:
-        self.stack.append(("SET", key, value, "PX", px))
+    def set(self, key: str, value: bytes, *, px: int, nx: bool = False) -> None:
+        if nx:
+            self.stack.append(("SET", key, value, "PX", px, "NX"))
+        else:
+            self.stack.append(("SET", key, value, "PX", px))
+
+    def multi(self) -> None:
+        self.stack.append(("MULTI",))
+
+    def exec(self) -> None:
+        self.stack.append(("EXEC",))
 
     def sadd(self, key: str, *members: str) -> None:
         self.stack.append(("SADD", key, *members))
@@ -209,6 +218,11 @@ class CommandBatcher:
         self._settings: LinkSettings | None = None
         self._link: RedisLink | None = None
 
+    @property
+    def busy(self) -> bool:
+        """A round trip is in flight: what is submitted now waits for the next one."""
+        return self._busy
+
     async def run(self, stage: Stage) -> Any:
         """Send ``stage``'s commands; returns the reply to its last command."""
         if self._busy:
@@ -275,8 +289,25 @@ class CommandBatcher:
     def _pack_batch(
         self, batch: list[tuple[Stage, asyncio.Future[Any]]]
     ) -> tuple[list[asyncio.Future[Any]], bytes, list[int]]:
-        """(the futures of the stages that packed, their payload, where each one's replies end);
-        a stage that cannot be packed gets its error now and is left out."""
+        """(the futures of the stages that packed, their payload, where each one's replies end).
+
+        The whole batch is packed in one go; only if that fails is it packed stage by stage, so
+        that the stage that cannot be packed gets its error and the others still go out.
+        """
+        commands = Commands()
+        ends = []
+        try:
+            for stage, _ in batch:
+                stage(commands)
+                ends.append(len(commands.stack))
+            payload = b"".join([pack_command(command) for command in commands.stack])
+        except Exception:
+            return self._pack_each(batch)
+        return [future for _, future in batch], payload, ends
+
+    def _pack_each(
+        self, batch: list[tuple[Stage, asyncio.Future[Any]]]
+    ) -> tuple[list[asyncio.Future[Any]], bytes, list[int]]:
         waiting: list[asyncio.Future[Any]] = []
         parts: list[bytes] = []
         ends: list[int] = []

@@ -86,6 +86,38 @@ async def test_a_worker_that_lost_its_lease_can_neither_ack_nor_store(
             await late.close()
 
 
+async def test_a_worker_whose_lease_lapsed_stores_nothing_for_a_swept_message(
+    app: App, raw: aioredis.Redis, key_prefix: str
+) -> None:
+    """Fencing when the worker wakes before the newer attempt finished: once its lease may have
+    lapsed (here: no renewal for longer than half the TTL, as after a SIGSTOP), its settle is
+    the fenced script, which writes no result for a message no longer in its list."""
+
+    @app.task
+    async def job() -> int:
+        return 1
+
+    async with app:
+        broker, backend = _parts(app)
+        result = await job.send()
+        late = broker.consumer(["default"], worker_id="frozen")
+        await late.start()
+        try:
+            (delivery,) = await late.fetch(1, 0)
+            assert not delivery.lease_in_doubt
+            late._lease.renewed_at -= 60  # type: ignore[attr-defined]  # as if frozen a minute
+            assert delivery.lease_in_doubt
+            processing = f"{key_prefix}:{{default}}:processing:frozen"
+            assert await raw.lrem(processing, -1, delivery.body) == 1  # swept meanwhile
+            stale = app.codec.encode_outcome(_success(result.id, "stale"))
+            assert not await backend.store_and_ack(
+                delivery, result.id, stale, ttl=60, reply_to=backend.reply_to()
+            )
+            assert await raw.exists(f"{key_prefix}:result:{result.id}") == 0
+        finally:
+            await late.close()
+
+
 async def test_the_first_final_outcome_wins(app: App) -> None:
     async with app:
         _, backend = _parts(app)

@@ -21,6 +21,7 @@ from typing import Any
 
 import hiredis
 import pytest
+import redis.asyncio
 from conftest import IN_CI, wait_until
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool
@@ -552,6 +553,55 @@ async def test_a_redis_broker_warns_at_connect_when_its_server_may_evict_queues(
         pass
     warnings = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
     assert len(warnings) == 1 and "allkeys-lru" in warnings[0]
+
+
+async def test_a_store_refused_for_memory_leaves_its_message_unacked(
+    private_redis: Callable[..., PrivateRedis],
+) -> None:
+    """Item 13: store and ack go out as one transaction; Redis out of memory refuses the store
+    as it is queued, EXEC aborts, and the message stays in the worker's processing list."""
+    from aioqueue import App, ResultBackendError
+
+    server = private_redis("--maxmemory-policy", "noeviction")
+    await server.ready()
+    app = App("oom", broker=server.url, backend=server.url)
+
+    @app.task
+    async def job() -> int:
+        return 1
+
+    async with app:
+        result = await job.send()
+        consumer = app.broker.consumer(["default"], worker_id="oom")
+        await consumer.start()
+        try:
+            (delivery,) = await consumer.fetch(1, 0)
+            raw = redis.asyncio.Redis.from_url(server.url)
+            try:
+                await raw.config_set("maxmemory", 1)  # this private server is now full
+                outcome = b'{"v":1,"id":"' + result.id.encode() + b'","state":"SUCCESS"}'
+                backend = app.backend
+                with pytest.raises((BrokerError, ResultBackendError), match=r"OOM|EXECABORT"):
+                    await backend.store_and_ack(  # type: ignore[attr-defined]
+                        delivery, result.id, outcome, ttl=60, reply_to=None
+                    )
+                assert await raw.lrange("aioqueue:{default}:processing:oom", 0, -1) == [
+                    delivery.body
+                ]
+                assert not await raw.exists(f"aioqueue:result:{result.id}")
+                with pytest.raises(ResultBackendError, match="out of range"):
+                    await backend.store_and_ack(  # type: ignore[attr-defined]
+                        delivery, result.id, outcome, ttl=1e300, reply_to=None
+                    )
+                await raw.config_set("maxmemory", 0)
+                assert await backend.store_and_ack(  # type: ignore[attr-defined]
+                    delivery, result.id, outcome, ttl=60, reply_to=None
+                )
+                assert await raw.llen("aioqueue:{default}:processing:oom") == 0
+            finally:
+                await raw.aclose()
+        finally:
+            await consumer.close()
 
 
 async def test_no_eviction_warning_when_config_is_disabled(

@@ -247,6 +247,8 @@ class ResultListener:
         if kind == b"message":
             if channel == self._channel_bytes:
                 task_id, ttl, outcome = parse_reply(data)
+                if self.cache.get(task_id) is not None:
+                    return  # the first push wins, as the first store did
                 if ttl is None:
                     self.cache.put(task_id, outcome, DEFAULT_REPLY_TTL, ttl_known=False)
                 else:

@@ -89,5 +89,5 @@ class StoresWithAck(Protocol):
     async def store_and_ack(
         self, delivery: Delivery, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
     ) -> bool:
-        """Store (first wins) and ack, atomically; False if the worker no longer held the message
-        (its lease was taken over), in which case nothing was stored or removed."""
+        """Store (first wins), then ack, in one step; False if the message was no longer the
+        worker's (its lease was taken over): the first outcome stored for the task stands."""

@@ -37,6 +37,7 @@ from redis import exceptions as redis_errors
 from .._redis import CommandBatcher, Commands, Script, connect_redis, redis_errors_as
 from ..config import mask_url
 from ..errors import ResultBackendError, ResultTimeout
+from ..message import MAX_RESULT_TTL, is_valid_ttl
 from ._listener import ResultListener
 
 if TYPE_CHECKING:
@@ -45,29 +46,26 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisBackend"]
 
+# The fenced settle: only if the message ARGV[1] is still in the worker's processing list
+# KEYS[1] (searched from the tail, where the oldest are), store its outcome (SET NX of KEYS[2],
+# then the pushes), then remove it. The store comes before the removal, so a refused write
+# leaves the message where it was.
+_FENCED_STORE_AND_ACK = Script(
+    """
+if not redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1) then return 0 end
+if redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3], 'NX') then
+  if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5] .. ARGV[2]) end
+  redis.call('PUBLISH', ARGV[6], '')
+end
+redis.call('LREM', KEYS[1], -1, ARGV[1])
+return 1
+"""
+)
+
 log = logging.getLogger("aioqueue.backend.redis")
 
 T = TypeVar("T")
 _FETCH_CHUNK = 1000  # keys per MGET when many waiters need a read at once
-
-# First final outcome wins: SET NX KEYS[1] = ARGV[1] (PX ARGV[2]); only if it was stored, push
-# it to the sender's reply channel ARGV[3] (frame: ARGV[4] .. outcome, i.e. "<id> <ttl> <outcome>")
-# and ping the per-task channel ARGV[5]. A duplicate run stores and pushes nothing.
-_STORE_PART = """
-if redis.call('SET', KEYS[{k}], ARGV[{a}], 'PX', ARGV[{a} + 1], 'NX') then
-  if ARGV[{a} + 2] ~= '' then
-    redis.call('PUBLISH', ARGV[{a} + 2], ARGV[{a} + 3] .. ARGV[{a}])
-  end
-  redis.call('PUBLISH', ARGV[{a} + 4], '')
-end
-"""
-_STORE_SCRIPT = Script(_STORE_PART.format(k=1, a=1) + "return 1")
-# The same, fenced on the message ARGV[1] being in the processing list KEYS[1], then acked.
-_STORE_AND_ACK_SCRIPT = Script(
-    "if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end\n"
-    + _STORE_PART.format(k=2, a=2)
-    + "redis.call('LREM', KEYS[1], -1, ARGV[1])\nreturn 1"
-)
 
 
 class RedisBackend:
@@ -139,28 +137,33 @@ class RedisBackend:
         listener = self._listener
         return listener.token() if listener is not None else None
 
-    def _store_call(
-        self, task_id: str, outcome: bytes, ttl: float, reply_to: str | None
-    ) -> tuple[list[str], list[Any]]:
-        """Keys and arguments of the store part of ``_STORE`` / ``_STORE_AND_ACK``."""
-        head = f"{task_id} {ttl!r} ".encode() if reply_to is not None else b""
-        return (
-            [self._result_key(task_id)],
-            [
-                outcome,
-                max(1, int(ttl * 1000)),
-                reply_to or "",
-                head,
-                f"{self.key_prefix}:done:{task_id}",
-            ],
-        )
+    def stage_store(
+        self, pipe: Commands, task_id: str, outcome: bytes, ttl: float, reply_to: str | None
+    ) -> None:
+        """A final store as one transaction: SET NX (the first outcome wins), then the pushes.
+
+        MULTI/EXEC rather than a Lua script: Redis refuses a transaction whole when it is out of
+        memory (the SET is refused as it is queued, and EXEC aborts), which is what makes an
+        ack in the same transaction safe; and a transaction costs Redis a fraction of a script
+        call. The pushes go out even for a duplicate run whose SET found a result already; the
+        listener keeps the first push it gets for a task, which is the stored one.
+        """
+        pipe.multi()
+        pipe.set(self._result_key(task_id), outcome, px=_px(ttl), nx=True)
+        if reply_to is not None:
+            pipe.publish(reply_to, f"{task_id} {ttl!r} ".encode() + outcome)
+        pipe.publish(f"{self.key_prefix}:done:{task_id}", b"")
 
     async def store(
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
     ) -> None:
         """Store a final outcome unless one is stored already (first wins), and wake waiters."""
-        keys, args = self._store_call(task_id, outcome, ttl, reply_to)
-        await _STORE_SCRIPT.run(self.batcher, keys, args)
+
+        def stage(pipe: Commands) -> None:
+            self.stage_store(pipe, task_id, outcome, ttl, reply_to)
+            pipe.exec()
+
+        await self.batcher.run(stage)
 
     def shares_server_with(self, broker: object) -> bool:
         """True when ``broker`` is a Redis broker on this very server and database."""
@@ -171,14 +174,40 @@ class RedisBackend:
     async def store_and_ack(
         self, delivery: Delivery, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
     ) -> bool:
-        """Store (first wins) and ack in one atomic script on the broker's own Redis.
+        """Store (first wins) and ack in one step on the broker's own Redis.
 
-        The script acts only if the message is still in the worker's processing list, so a
-        worker that lost its lease changes nothing; the store runs before the removal, so a
-        write the server refuses (maxmemory, a bad TTL) leaves the message unacked.
+        While the worker's lease is known to be held, one MULTI/EXEC transaction: a store the
+        server refuses (maxmemory) aborts it, so the message stays unacked. When the lease may
+        have lapsed since the message was taken (the process froze, Redis was out of reach),
+        the fenced script instead: it stores nothing unless the message is still in the
+        worker's processing list, so a worker that woke up late writes no result at all.
+        Returns whether the worker still held the message.
         """
-        keys, args = self._store_call(task_id, outcome, ttl, reply_to)
-        return await cast("_RedisDelivery", delivery).ack_with(_STORE_AND_ACK_SCRIPT, keys, args)
+        redis_delivery = cast("_RedisDelivery", delivery)
+        if redis_delivery.lease_in_doubt:
+            held = await _FENCED_STORE_AND_ACK.run(
+                self.batcher,
+                [redis_delivery.processing, self._result_key(task_id)],
+                [redis_delivery.body, *self._store_arguments(task_id, outcome, ttl, reply_to)],
+            )
+            redis_delivery.settled()
+            return bool(held)
+
+        def stage(pipe: Commands) -> None:
+            self.stage_store(pipe, task_id, outcome, ttl, reply_to)
+            redis_delivery.stage_ack(pipe)
+            pipe.exec()
+
+        replies = await self.batcher.run(stage)
+        redis_delivery.settled()
+        return bool(replies[-1])  # LREM's count: 0 if the message was no longer ours
+
+    def _store_arguments(
+        self, task_id: str, outcome: bytes, ttl: float, reply_to: str | None
+    ) -> list[Any]:
+        head = f"{task_id} {ttl!r} ".encode() if reply_to is not None else b""
+        done = f"{self.key_prefix}:done:{task_id}"
+        return [outcome, _px(ttl), reply_to or "", head, done]
 
     async def store_state(
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None = None
@@ -327,3 +356,13 @@ async def _uncancelled(awaitable: Awaitable[T]) -> T:
 def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _px(ttl: float) -> int:
+    """The TTL in milliseconds, refused here if Redis would refuse it: inside a transaction a
+    value Redis rejects fails only its own command, and the ack beside it would still run."""
+    if not is_valid_ttl(ttl):
+        raise ResultBackendError(
+            f"result TTL {ttl!r} is out of range (0 < ttl <= {MAX_RESULT_TTL:.0f}s)"
+        )
+    return max(1, int(ttl * 1000))

@@ -18,10 +18,11 @@ it) and from the loop; every live worker also sweeps: the processing list of a w
 heartbeat expired goes back to the front of its queue with the attempt number raised. There is
 no visibility timeout, so a long task whose worker is alive is never run twice.
 
-The heartbeat is a lease, and it is fenced: every settle (ack, store-and-ack, give back, dead
-letter) is a script that acts only if the message is still in this worker's processing list. A
-worker that froze past its TTL (SIGSTOP, a stalled VM) finds its list swept when it wakes, and
-can neither remove nor overwrite the newer attempt. A fetch or BLMOVE whose reply was lost
+The heartbeat is a lease, and it is fenced: every settle acts on the message only if it is still
+in this worker's own processing list (an ack is LREM on that list; giving back and dead-lettering
+are scripts that check it first), and result stores are first-wins (SET NX). A worker that froze
+past its TTL (SIGSTOP, a stalled VM) finds its list swept when it wakes, and can neither remove
+nor overwrite the newer attempt's message or result. A fetch or BLMOVE whose reply was lost
 (the connection died after the server moved the message) is reconciled on the next fetch: what
 the list holds beyond what the worker knows it holds is adopted and run.
 """
@@ -32,6 +33,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -145,7 +147,7 @@ return moved
 _GIVE_BACK = (
     _BUMP_ATTEMPT
     + """
-if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+if not redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1) then return 0 end
 local v = ARGV[1]
 if ARGV[2] == '1' then v = bump(v) end
 redis.call('RPUSH', KEYS[2], v)
@@ -156,7 +158,7 @@ return 1
 
 # Fenced dead letter: record ARGV[2] in KEYS[2], then drop message ARGV[1] from KEYS[1].
 _BURY = """
-if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+if not redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1) then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[2])
 redis.call('LREM', KEYS[1], -1, ARGV[1])
 return 1
@@ -189,10 +191,20 @@ class _Keys:
 class _RedisDelivery:
     """A message in this worker's processing list; every settle is fenced on it being there."""
 
-    __slots__ = ("_consumer", "_held", "attempt", "body", "processing", "queue", "size")
+    __slots__ = (
+        "_consumer",
+        "_held",
+        "attempt",
+        "body",
+        "processing",
+        "queue",
+        "size",
+        "taken_at",
+    )
 
     def __init__(self, consumer: _RedisConsumer, queue: str, processing: str, body: bytes) -> None:
         self._consumer = consumer
+        self.taken_at = time.monotonic()
         self.processing = processing
         self.queue = queue
         self.body = body
@@ -219,14 +231,19 @@ class _RedisDelivery:
         await self._consumer.broker.batcher.run(stage)
         self._release()
 
-    async def ack_with(self, script: Script, keys: list[str], args: list[Any]) -> bool:
-        """Run ``script`` with this message's processing list and body as its first key and
-        argument (a result store that acks atomically); True if the lease was still held."""
-        held = await script.run(
-            self._consumer.broker.batcher, [self.processing, *keys], [self.body, *args]
-        )
+    def stage_ack(self, pipe: Commands) -> None:
+        """The ack as a command, for a transaction that also stores the outcome."""
+        pipe.lrem(self.processing, -1, self.body)
+
+    def settled(self) -> None:
+        """The message left the processing list by a transaction run elsewhere (a joint store)."""
         self._release()
-        return bool(held)
+
+    @property
+    def lease_in_doubt(self) -> bool:
+        """True if this worker's lease may have lapsed since it took the message: its settle
+        must then check the message is still in its list before storing anything."""
+        return self._consumer.lease_in_doubt(self.taken_at)
 
     async def requeue(self, *, count_attempt: bool = False) -> None:
         keys = self._consumer.broker.keys(self.queue)
@@ -277,43 +294,73 @@ class _RefusedDelivery:
 
 
 class _LeaseKeeper:
-    """Renews this worker's heartbeat keys from a thread of its own.
+    """Renews this worker's heartbeat keys from a thread of its own, and knows when in doubt.
 
     The heartbeat is the lease on everything in the worker's processing lists. Renewed only from
     the event loop, an ``async def`` task that blocks the loop past the TTL would lose it and see
     its messages run again elsewhere, over and over; from a thread, the lease lasts as long as the
-    process does (a frozen process, SIGSTOP, still loses it, and fencing covers that case).
+    process does. A frozen process (SIGSTOP, a paused VM) or a Redis out of reach still loses it:
+    :meth:`in_doubt` tells the settle step when it must use its fenced form.
     """
 
     def __init__(self, url: str, keys: list[str], *, interval: float, ttl: float) -> None:
         self._url = url
         self._keys = keys
         self._interval = interval
-        self._ttl_ms = int(ttl * 1000)
+        self._ttl = ttl
         self._timeout = max(0.5, ttl / 2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aioqueue-lease", daemon=True)
+        self.renewed_at = time.monotonic()
+        """When the last renewal that succeeded was sent (taken before sending: conservative)."""
+        self.lapsed_until = -math.inf
+        """End of the latest gap between renewals longer than the TTL: the lease may have
+        expired before then, and a message taken before then may have been swept."""
 
-    def start(self) -> None:
+    def start(self, renewed_at: float) -> None:
+        self.renewed_at = renewed_at
         self._thread.start()
+
+    def in_doubt(self, taken_at: float) -> bool:
+        """True if a message taken at ``taken_at`` may no longer be this worker's.
+
+        Either the last renewal is old (the process was frozen, or Redis is out of reach, and
+        the thread has not renewed since), or a renewal came after a gap past the TTL. The lapse
+        is recorded before the renewal time moves on, so one of the two always shows it.
+        """
+        if time.monotonic() - self.renewed_at > self._ttl / 2:
+            return True
+        return taken_at <= self.lapsed_until
 
     def _run(self) -> None:
         client = SyncRedis.from_url(
             self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
         )
+        ttl_ms = int(self._ttl * 1000)
         failing = False
         try:
             while not self._stop.wait(self._interval):
+                started = time.monotonic()
                 try:
                     with client.pipeline(transaction=False) as pipe:
                         for key in self._keys:
-                            pipe.set(key, b"1", px=self._ttl_ms)
+                            pipe.set(key, b"1", px=ttl_ms)
                         pipe.execute()
-                    failing = False
                 except Exception as exc:  # an outage must not end the thread; the loop retries too
                     if not failing:
                         log.warning("renewing the worker's lease failed: %s", _masked(exc))
                     failing = True
+                    continue
+                failing = False
+                if started - self.renewed_at > self._ttl:
+                    self.lapsed_until = started
+                    log.warning(
+                        "the worker's lease went unrenewed for %.1fs (over its %.1fs TTL): "
+                        "messages it held may have been handed to other workers",
+                        started - self.renewed_at,
+                        self._ttl,
+                    )
+                self.renewed_at = started
         finally:
             client.close()
 
@@ -360,15 +407,20 @@ class _RedisConsumer:
             del held[body]
 
     async def start(self) -> None:
-        await self._beat()
-        self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
         self._lease = _LeaseKeeper(
             self.broker.raw_url,
             [keys.alive(self.worker_id) for keys in self._keys.values()],
             interval=self.broker.heartbeat_interval,
             ttl=self.broker.heartbeat_ttl,
         )
-        self._lease.start()
+        first_beat = time.monotonic()
+        await self._beat()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        self._lease.start(first_beat)
+
+    def lease_in_doubt(self, taken_at: float) -> bool:
+        """True if a message this worker took at ``taken_at`` may have been swept meanwhile."""
+        return self._lease is None or self._lease.in_doubt(taken_at)
 
     async def fetch(
         self, max_count: int, timeout: float, wake: asyncio.Event | None = None

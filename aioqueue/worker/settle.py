@@ -122,8 +122,9 @@ class Settler:
         )
         if not held:
             log.warning(
-                "task %s: this worker's lease on the message was lost (another worker took it "
-                "over); its outcome was not stored",
+                "task %s: the message was no longer this worker's to ack (its lease lapsed and "
+                "another worker took it over, or an earlier try whose reply was lost settled "
+                "it); the first outcome stored for the task stands",
                 store.task_id,
             )
 
