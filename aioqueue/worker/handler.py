@@ -77,40 +77,43 @@ class Handler:
         self._backend = backend
         self._tasks = app.tasks  # a live read-only view, made once rather than per message
         self._max_hold = max_hold
+        self._codec = app.codec
+        self._max_size = app.codec.max_size
+        self._max_attempts = app.conf.max_attempts
+        self._result_ttl = app.conf.result_ttl
 
     async def decide(self, delivery: Delivery, *, due: bool = False) -> Disposition | Park:
         """What to do with ``delivery``; ``due=True`` when it comes back from being parked."""
-        app = self.app
         error: AioQueueError
-        if delivery.size > app.codec.max_size:
+        if delivery.size > self._max_size:
             error = MessageTooLarge(
-                f"message is {delivery.size} bytes, over max_message_size={app.codec.max_size}"
+                f"message is {delivery.size} bytes, over max_message_size={self._max_size}"
             )
             return self._reject(delivery, None, error)
         try:
-            message = app.codec.decode(delivery.body)
+            message = self._codec.decode(delivery.body)
         except AioQueueError as exc:
             return self._reject(delivery, None, exc)
         task = self._tasks.get(message.task)
         if task is None:
             error = TaskNotRegistered(
-                f"task {short(message.task)!r} is not registered in app {app.name!r} "
+                f"task {short(message.task)!r} is not registered in app {self.app.name!r} "
                 f"(this worker knows {len(self._tasks)} task(s))"
             )
             return self._reject(delivery, message, error)
-        limit = task.max_attempts or app.conf.max_attempts
+        limit = task.max_attempts or self._max_attempts
         if delivery.attempt > limit:
             error = DeliveryLimitExceeded(
                 f"too many deliveries: attempt {delivery.attempt} of task {short(task.name)} "
                 f"is over max_attempts={limit}"
             )
             return self._reject(delivery, message, error)
-        ttl = message.result_ttl or task.result_ttl or app.conf.result_ttl
+        ttl = message.result_ttl or task.result_ttl or self._result_ttl
         if not due and (message.eta is not None or message.expires is not None):
             scheduled = self._schedule(message, ttl)
             if scheduled is not None:
                 return scheduled
-        if delivery.redelivered and await self._already_done(message.id):
+        if delivery.attempt > 1 and await self._already_done(message.id):
             log.info("%s[%s] already has its result: not run again", task.name, message.id)
             return Ack()
         return await self._run(delivery, task, message, ttl)

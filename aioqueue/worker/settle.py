@@ -39,7 +39,7 @@ _FIRST_DELAY = 0.05
 _MAX_DELAY = 5.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Store:
     """An outcome to store as part of a settle."""
 
@@ -49,7 +49,7 @@ class Store:
     reply_to: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ack:
     """The task ran (or was discarded on purpose): store its outcome, then forget the message.
 
@@ -60,7 +60,7 @@ class Ack:
     ack: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reject:
     """The message cannot be run: keep it as a dead letter with the reason, record FAILURE."""
 
@@ -68,7 +68,7 @@ class Reject:
     store: Store | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Requeue:
     """Give the message back: untouched, or with its attempt raised (``count_attempt``)."""
 
@@ -90,6 +90,14 @@ class Settler:
 
     async def settle(self, delivery: Delivery, disposition: Disposition) -> None:
         """Run the disposition's steps in order, each until it succeeds."""
+        if self._joint is not None and type(disposition) is Ack and disposition.ack:
+            store = disposition.store
+            if store is not None:  # the common case, tried once without building steps
+                try:
+                    await self._store_and_ack(delivery, store)
+                    return
+                except AioQueueError:
+                    pass  # retried below, with backoff and a log line per failure
         for step in self._steps(delivery, disposition):
             await self._until_done(step, delivery)
 
