@@ -50,7 +50,7 @@ from aio_pika.abc import (
 )
 
 from .._amqp import close_quietly, guarded, ready_channel
-from .base import Delivery, wait_for_event
+from .base import Delivery, take_when_ready
 
 if TYPE_CHECKING:
     from .amqp import AmqpBroker
@@ -220,15 +220,9 @@ class _AmqpConsumer:
             return out
         if timeout <= 0:
             return await self._fetch_ready(max_count)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not out and not (wake is not None and wake.is_set()):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            await wait_for_event(self._arrived, wake, remaining)
-            out = self._take(max_count)
-        return out
+        return await take_when_ready(
+            lambda: self._take(max_count), lambda: self._arrived, wake, timeout
+        )
 
     def _take(self, max_count: int) -> list[Delivery]:
         if any(d.stale for d in self._buffer):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -29,6 +29,7 @@ __all__ = [
     "DeadLetter",
     "Delivery",
     "attempt_of",
+    "take_when_ready",
     "wait_for_event",
 ]
 
@@ -48,6 +49,26 @@ def attempt_of(body: bytes) -> int:
         return 1
     match = _ATTEMPT_PREFIX.match(body)
     return int(match.group(1)) if match else 1
+
+
+async def take_when_ready(
+    take: Callable[[], list[Delivery]],
+    arrival: Callable[[], asyncio.Event],
+    wake: asyncio.Event | None,
+    timeout: float,
+) -> list[Delivery]:
+    """Call ``take`` each time ``arrival()`` is set until it returns something, ``wake`` is set,
+    or ``timeout`` passes: the blocking part of ``fetch`` for consumers that are pushed to."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    out: list[Delivery] = []
+    while not out and not (wake is not None and wake.is_set()):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        await wait_for_event(arrival(), wake, remaining)
+        out = take()
+    return out
 
 
 async def wait_for_event(event: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:

@@ -12,7 +12,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 
-from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, wait_for_event
+from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, take_when_ready
 
 __all__ = ["MemoryBroker"]
 
@@ -73,15 +73,10 @@ class _MemoryConsumer:
         out = self._take(max_count)
         if out or timeout <= 0:
             return out
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not out and not (wake is not None and wake.is_set()):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            await wait_for_event(self.broker.arrival, wake, remaining)
-            out = self._take(max_count)
-        return out
+        # the broker replaces its arrival event after each notify: look it up each time
+        return await take_when_ready(
+            lambda: self._take(max_count), lambda: self.broker.arrival, wake, timeout
+        )
 
     def _take(self, max_count: int) -> list[Delivery]:
         out: list[Delivery] = []
