@@ -8,8 +8,8 @@ The data path of one task::
     handler.decide(delivery)        decode, registry lookup, attempt cap, schedule, execute:
                                     await it, or run it on a thread / in a child process
                                     -> one Disposition: Ack(store) | Reject(reason) | Requeue
-    settler.settle(disposition)     store the outcome, then ack (one atomic Lua script when the
-                                    results live on the broker's Redis); retried until it holds
+    settler.settle(disposition)     store the outcome, then ack (one MULTI/EXEC when the results
+                                    live on the broker's Redis); retried until it holds
     slots.release()
 
 Writes from concurrent tasks (stores, acks) share pipelines through the command batcher, so

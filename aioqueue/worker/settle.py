@@ -3,7 +3,7 @@
 The handler of a message ends in exactly one :data:`Disposition`, and :meth:`Settler.settle` turns
 it into broker and backend calls in a fixed order:
 
-    Ack(store)            store the outcome, then ack    (one atomic script when the backend
+    Ack(store)            store the outcome, then ack    (one transaction when the backend
                                                           shares the broker's Redis)
     Reject(reason, store) dead-letter first, then store  (a client that sees the FAILURE also
                                                           finds the message kept)
