@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
+from .backends.base import ListensForReplies
 from .config import Config, mask_url
 from .connections import build_backend, build_broker
 from .errors import ConfigurationError, TaskNotRegistered
@@ -271,9 +272,8 @@ class App:
         """
         await self.ready_broker()
         backend = await self.ready_backend()
-        start_listening = getattr(backend, "start_listening", None)
-        if start_listening is not None:
-            await start_listening()
+        if isinstance(backend, ListensForReplies):
+            await backend.start_listening()
 
     async def close(self) -> None:
         """Close the broker and backend connections (safe to call twice)."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from ..brokers.base import Delivery
 
-__all__ = ["ResultBackend", "StoresWithAck"]
+__all__ = ["ListensForReplies", "ResultBackend", "StoresWithAck"]
 
 
 class ResultBackend(Protocol):
@@ -91,3 +91,15 @@ class StoresWithAck(Protocol):
     ) -> bool:
         """Store (first wins), then ack, in one step; False if the message was no longer the
         worker's (its lease was taken over): the first outcome stored for the task stands."""
+
+
+@runtime_checkable
+class ListensForReplies(Protocol):
+    """Optional: a backend that pushes outcomes to the process that sent the tasks.
+
+    ``App.connect`` starts listening before the first send, so every message it sends names a
+    reply channel that is already being read, and ``get()`` in the sending process costs no read.
+    """
+
+    async def start_listening(self) -> None:
+        """Subscribe this process's reply channel (or declare its reply queue) now."""
