@@ -17,6 +17,7 @@ from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from .backends.base import ListensForReplies
+from .brokers.base import Outgoing
 from .config import Config, mask_url
 from .connections import build_backend, build_broker
 from .errors import ConfigurationError, TaskNotRegistered
@@ -348,7 +349,7 @@ class App:
         backend = self._backend  # not built yet: nobody here waits, so no reply channel
         reply_to = backend.reply_to() if backend is not None else None
         message = self._build_message(task_name, queue, args, kwargs, options, reply_to)
-        await broker.publish(message.queue, self.codec.encode(message))
+        await broker.publish(message.queue, self.codec.encode(message), eta=message.eta)
         token = backend.send_token() if backend is not None else None
         return AsyncResult(message.id, self, task_name=task_name, token=token)
 
@@ -362,7 +363,7 @@ class App:
         backend = self._backend
         reply_to = backend.reply_to() if backend is not None else None
         token = backend.send_token() if backend is not None else None
-        items: list[tuple[str, bytes]] = []
+        items: list[Outgoing] = []
         results: list[AsyncResult[R]] = []
         encode = self.codec.encode
         for call in calls:
@@ -378,7 +379,7 @@ class App:
                 raise TypeError(
                     f"send_many takes argument tuples or signatures, not {type(call).__name__}"
                 )
-            items.append((message.queue, encode(message)))
+            items.append((message.queue, encode(message), message.eta))
             results.append(AsyncResult(message.id, self, task_name=message.task, token=token))
         if items:
             await broker.publish_many(items)

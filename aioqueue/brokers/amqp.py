@@ -53,7 +53,7 @@ from .._amqp import (
 from ..config import mask_url
 from ..errors import BrokerError, ConfigurationError
 from .amqp_consumer import ATTEMPT_HEADER, _AmqpConsumer
-from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter
+from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Outgoing
 
 __all__ = ["AmqpBroker", "ChannelPool", "amqp_errors", "connection_name", "open_connection"]
 
@@ -257,7 +257,7 @@ class AmqpBroker:
                         "answering); the message may or may not have been queued"
                     ) from exc
 
-    async def publish(self, queue: str, body: bytes) -> None:
+    async def publish(self, queue: str, body: bytes, *, eta: float | None = None) -> None:
         if queue not in self._declared or not self._declared[queue].done():
             await self.declare(queue)
         try:
@@ -271,14 +271,15 @@ class AmqpBroker:
             await self.declare(queue)
             await self._publish("", self.names(queue).queue, body)
 
-    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+    async def publish_many(self, items: Sequence[Outgoing]) -> None:
         """All in flight at once (in windows of 1,000): confirms overlap instead of queueing."""
-        for queue in {queue for queue, _ in items}:
+        for queue in {queue for queue, _, _ in items}:
             await self.declare(queue)
         for start in range(0, len(items), _PUBLISH_WINDOW):
             window = items[start : start + _PUBLISH_WINDOW]
             results = await asyncio.gather(
-                *(self.publish(queue, body) for queue, body in window), return_exceptions=True
+                *(self.publish(queue, body, eta=eta) for queue, body, eta in window),
+                return_exceptions=True,
             )
             failed = next((r for r in results if isinstance(r, BaseException)), None)
             if failed is not None:

@@ -28,10 +28,14 @@ __all__ = [
     "Consumer",
     "DeadLetter",
     "Delivery",
+    "Outgoing",
     "attempt_of",
     "take_when_ready",
     "wait_for_event",
 ]
+
+Outgoing = tuple[str, bytes, float | None]
+"""One message to publish: queue, encoded body, eta (unix time, or None for now)."""
 
 DEAD_LETTER_PREFIX = 1024
 """Bytes of an oversized body kept in its dead letter (with its size): enough to see what it was."""
@@ -162,10 +166,15 @@ class Broker(Protocol):
 
     async def connect(self) -> None: ...
 
-    async def publish(self, queue: str, body: bytes) -> None: ...
+    async def publish(self, queue: str, body: bytes, *, eta: float | None = None) -> None:
+        """Publish one message. ``eta`` (unix time): no worker may receive it before then.
 
-    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Publish a batch in as few round trips as the transport allows."""
+        A broker that cannot hold messages back delivers at once; the worker then parks a
+        message that is not due yet (see ``worker/core.py``), so an eta is always honoured.
+        """
+
+    async def publish_many(self, items: Sequence[Outgoing]) -> None:
+        """Publish a batch of ``(queue, body, eta)`` in as few round trips as it allows."""
 
     def consumer(
         self, queues: Sequence[str], *, worker_id: str, max_size: int | None = None

@@ -12,7 +12,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 
-from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, take_when_ready
+from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, Outgoing, take_when_ready
 
 __all__ = ["MemoryBroker"]
 
@@ -125,12 +125,12 @@ class MemoryBroker:
     async def connect(self) -> None:
         return None
 
-    async def publish(self, queue: str, body: bytes) -> None:
+    async def publish(self, queue: str, body: bytes, *, eta: float | None = None) -> None:
         self.queues[queue].append((body, 1))
         self._notify()
 
-    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        for queue, body in items:
+    async def publish_many(self, items: Sequence[Outgoing]) -> None:
+        for queue, body, _ in items:
             self.queues[queue].append((body, 1))
         self._notify()
 

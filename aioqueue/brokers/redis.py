@@ -54,7 +54,7 @@ from .._redis import (
 )
 from ..config import mask_url
 from ..errors import AioQueueError
-from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, attempt_of
+from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, Outgoing, attempt_of
 
 __all__ = ["RedisBroker"]
 
@@ -675,7 +675,7 @@ class RedisBroker:
         if warning is not None:
             log.warning("%s: %s", self.url, warning)
 
-    async def publish(self, queue: str, body: bytes) -> None:
+    async def publish(self, queue: str, body: bytes, *, eta: float | None = None) -> None:
         key = self.keys(queue).queue
 
         def stage(pipe: Commands) -> None:
@@ -683,9 +683,9 @@ class RedisBroker:
 
         await self.batcher.run(stage)
 
-    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+    async def publish_many(self, items: Sequence[Outgoing]) -> None:
         grouped: dict[str, list[bytes]] = {}
-        for queue, body in items:
+        for queue, body, _ in items:
             grouped.setdefault(self.keys(queue).queue, []).append(body)
 
         def stage(pipe: Commands) -> None:
