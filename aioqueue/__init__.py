@@ -31,6 +31,7 @@ from .errors import (
     TaskExpired,
     TaskFailed,
     TaskNotRegistered,
+    TaskRevoked,
     WorkerLostError,
 )
 from .message import Message, Outcome, States
@@ -67,6 +68,7 @@ __all__ = [
     "TaskFailed",
     "TaskNotRegistered",
     "TaskOptions",
+    "TaskRevoked",
     "Worker",
     "WorkerLostError",
     "__version__",

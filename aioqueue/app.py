@@ -21,9 +21,17 @@ from .brokers.base import Outgoing
 from .config import Config, mask_url
 from .connections import build_backend, build_broker
 from .errors import ConfigurationError, TaskNotRegistered
-from .message import Message, MessageCodec
+from .message import Message, MessageCodec, Outcome
 from .result import AsyncResult, EagerResult
-from .task import Executor, SendOptions, Signature, Task, check_result_ttl, make_send_options
+from .task import (
+    Executor,
+    SendOptions,
+    Signature,
+    Task,
+    check_result_ttl,
+    make_send_options,
+    send_times,
+)
 
 if TYPE_CHECKING:
     from .backends.base import ResultBackend
@@ -314,6 +322,10 @@ class App:
         options: SendOptions,
         reply_to: str | None,
     ) -> Message:
+        now = time.time()
+        eta = expires = None
+        if options.countdown is not None or options.eta is not None or options.expires is not None:
+            eta, expires = send_times(options, now)
         return Message(
             id=options.task_id or uuid.uuid4().hex,
             task=task_name,
@@ -325,7 +337,9 @@ class App:
             root_id=options.root_id,
             reply_to=reply_to,
             result_ttl=options.result_ttl,
-            sent_at=time.time(),
+            eta=eta,
+            expires=expires,
+            sent_at=now,
         )
 
     async def send_message(
@@ -401,11 +415,21 @@ class App:
         return AsyncResult(task_id, self)
 
     async def apply_task(
-        self, task: Task[Any, R], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        task: Task[Any, R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: SendOptions | None = None,
     ) -> EagerResult[R]:
+        """Run ``task`` here at once: an eta is not waited for, but an expired task is REVOKED
+        without running, as a worker would record it."""
         from .worker.execution import execute_eagerly
 
-        message = self._build_message(task.name, task.queue, args, kwargs, _NO_OPTIONS, None)
+        message = self._build_message(
+            task.name, task.queue, args, kwargs, options or _NO_OPTIONS, None
+        )
+        if message.expires is not None and message.expires < time.time():
+            return EagerResult(Outcome.revoked(message.id, "expired"))
         return EagerResult(await execute_eagerly(self, task, message))
 
     def resolve_import_path(self) -> str:

@@ -14,7 +14,7 @@ Library errors from redis-py or aio-pika are translated at the broker/backend se
     │   └── BrokerConnectionError
     ├── ResultBackendError
     ├── ResultTimeout              (also a TimeoutError)
-    ├── TaskExpired
+    ├── TaskRevoked                (TaskExpired is the same class, its former name)
     ├── DeliveryLimitExceeded
     ├── TaskFailed
     │   └── RemoteError
@@ -68,8 +68,23 @@ class ResultTimeout(AioQueueError, TimeoutError):
     """Raised when ``AsyncResult.get(timeout=...)`` runs out of time."""
 
 
-class TaskExpired(AioQueueError):
-    """Recorded for a message that reached a worker after its ``expires`` time; it did not run."""
+class TaskRevoked(AioQueueError):
+    """Raised by ``get()`` for a task that was revoked (state REVOKED) and so never started.
+
+    ``reason`` says why: "expired" for a message that reached a worker (or ``apply``) after
+    its ``expires`` time, or whose ``expires`` falls before its eta.
+    """
+
+    def __init__(self, reason: str = "revoked") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+TaskExpired = TaskRevoked
+"""The former name of :class:`TaskRevoked` (an expired task used to be a FAILURE with this type).
+
+Kept as the same class rather than a subclass, so ``except TaskExpired`` still catches every
+expired task now that the recorded type is TaskRevoked."""
 
 
 class DeliveryLimitExceeded(AioQueueError):

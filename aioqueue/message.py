@@ -42,7 +42,7 @@ from typing import Any, Final
 
 import orjson
 
-from .errors import MessageTooLarge, ProtocolError, SerializationError
+from .errors import MessageTooLarge, ProtocolError, SerializationError, TaskRevoked
 from .serializers import JSON, JSON_OPTIONS, Serializer, get_serializer, json_default
 
 __all__ = [
@@ -103,15 +103,20 @@ _TTL_EXPECTED: Final = f"a number of seconds above 0, at most {MAX_RESULT_TTL:.0
 
 
 class States:
-    """Task states as strings, the same spelling Celery uses."""
+    """Task states as strings, the same spelling Celery uses.
+
+    REVOKED is final like SUCCESS and FAILURE (so ``get()`` raises ``TaskRevoked`` at once): the
+    task never started, for example because it had expired when a worker took it.
+    """
 
     PENDING: Final = "PENDING"
     RECEIVED: Final = "RECEIVED"
     STARTED: Final = "STARTED"
     SUCCESS: Final = "SUCCESS"
     FAILURE: Final = "FAILURE"
+    REVOKED: Final = "REVOKED"
 
-    READY: Final = frozenset({SUCCESS, FAILURE})
+    READY: Final = frozenset({SUCCESS, FAILURE, REVOKED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +159,18 @@ class Outcome:
     @property
     def ready(self) -> bool:
         return self.state in States.READY
+
+    @classmethod
+    def revoked(cls, task_id: str, reason: str) -> Outcome:
+        """REVOKED for a task that never ran; its error is ``TaskRevoked(reason)``."""
+        return cls(
+            task_id=task_id,
+            state=States.REVOKED,
+            exc_type=f"{TaskRevoked.__module__}.{TaskRevoked.__qualname__}",
+            exc_message=reason,
+            exc_args=(reason,),
+            date_done=time.time(),
+        )
 
 
 _OPTIONAL_FIELDS: Final = (

@@ -56,7 +56,7 @@ class _OutcomeReader(Generic[R], metaclass=abc.ABCMeta):
 
     @staticmethod
     def _value(outcome: Outcome, propagate: bool) -> R:
-        if outcome.state == States.FAILURE:
+        if outcome.state == States.FAILURE or outcome.state == States.REVOKED:
             exc = rebuild_exception(outcome)
             if propagate:
                 raise exc
@@ -64,12 +64,13 @@ class _OutcomeReader(Generic[R], metaclass=abc.ABCMeta):
         return cast(R, outcome.result)
 
     async def state(self) -> str:
-        """PENDING (unknown or expired), RECEIVED, STARTED, SUCCESS or FAILURE."""
+        """PENDING (unknown, or its result's TTL ran out), RECEIVED, STARTED, SUCCESS, FAILURE
+        or REVOKED (never started: it had expired)."""
         outcome = await self._outcome()
         return outcome.state if outcome is not None else States.PENDING
 
     async def ready(self) -> bool:
-        """True once the task has finished, successfully or not."""
+        """True once the task has finished, successfully or not, or was revoked."""
         return await self.state() in States.READY
 
     async def successful(self) -> bool:
@@ -78,8 +79,12 @@ class _OutcomeReader(Generic[R], metaclass=abc.ABCMeta):
     async def failed(self) -> bool:
         return await self.state() == States.FAILURE
 
+    async def revoked(self) -> bool:
+        return await self.state() == States.REVOKED
+
     async def info(self) -> Any:
-        """The result if the task succeeded, the exception if it failed, else None."""
+        """The result if the task succeeded, the exception if it failed or was revoked, else
+        None."""
         outcome = await self._outcome()
         if outcome is None or not outcome.ready:
             return None
@@ -113,7 +118,8 @@ class AsyncResult(_OutcomeReader[R]):
         """Wait for the outcome (woken by a push, never by polling).
 
         Raises :class:`~aioqueue.ResultTimeout` after ``timeout`` seconds, and the task's own
-        exception if it failed (unless ``propagate=False``, which returns it instead).
+        exception if it failed, :class:`~aioqueue.TaskRevoked` if it was revoked (unless
+        ``propagate=False``, which returns the exception instead).
         """
         backend = await self._app.ready_backend()
         raw = await backend.wait(self.id, timeout=timeout, token=self._token)

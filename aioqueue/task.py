@@ -11,17 +11,27 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeAlias, TypeVar
 
 from .errors import ConfigurationError
-from .message import MAX_RESULT_TTL, is_valid_ttl
+from .message import MAX_RESULT_TTL, MAX_UNIX_TIME, is_valid_ttl
 from .result import AsyncResult, EagerResult
 
 if TYPE_CHECKING:
     from .app import App
 
-__all__ = ["Executor", "SendOptions", "Signature", "Task", "TaskOptions", "check_result_ttl"]
+__all__ = [
+    "MAX_DELAY",
+    "Executor",
+    "SendOptions",
+    "Signature",
+    "Task",
+    "TaskOptions",
+    "check_result_ttl",
+    "send_times",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -40,9 +50,18 @@ class SendOptions:
     result_ttl: float | None = None
     parent_id: str | None = None
     root_id: str | None = None
+    countdown: float | None = None
+    """Seconds from the send to the earliest run (counted when the message is built)."""
+    eta: datetime | None = None
+    """Earliest run, a timezone-aware datetime (not with countdown)."""
+    expires: float | datetime | None = None
+    """Seconds after the send, or an aware datetime, after which the task is revoked unrun."""
 
 
 _SEND_OPTION_NAMES = frozenset(SendOptions.__dataclass_fields__)
+MAX_DELAY = MAX_RESULT_TTL
+"""Longest countdown or relative expires (ten years): the sum with the send time then stays far
+inside the envelope's unix-time bound, so a worker never refuses the message we built."""
 
 
 def check_result_ttl(value: Any, what: str = "result_ttl") -> float:
@@ -74,7 +93,64 @@ def _check_send_options(options: dict[str, Any]) -> dict[str, Any]:
         raise ConfigurationError(f"send option headers must be a mapping, not a {kind}")
     if options.get("result_ttl") is not None:
         options["result_ttl"] = check_result_ttl(options["result_ttl"], "send option result_ttl")
+    if options.get("countdown") is not None:
+        options["countdown"] = _check_seconds("countdown", options["countdown"], allow_zero=True)
+    if options.get("eta") is not None:
+        _check_datetime("eta", options["eta"], "; for a delay in seconds use countdown")
+    expires = options.get("expires")
+    if isinstance(expires, datetime):
+        _check_datetime("expires", expires, "")
+    elif expires is not None:
+        options["expires"] = _check_seconds("expires", expires, allow_zero=False)
     return options
+
+
+def _check_seconds(name: str, value: Any, *, allow_zero: bool) -> float:
+    """A duration as a float: a finite number, not a bool, up to MAX_DELAY (NaN fails too)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+        low_ok = seconds >= 0 if allow_zero else seconds > 0  # both False for NaN
+        if low_ok and seconds <= MAX_DELAY:
+            return seconds
+    floor = "at least 0" if allow_zero else "above 0"
+    also = "" if allow_zero else " or a timezone-aware datetime"
+    raise ConfigurationError(
+        f"send option {name} must be a number of seconds {floor} and at most "
+        f"{MAX_DELAY:.0f} (ten years){also}, not {value!r}"
+    )
+
+
+def _check_datetime(name: str, value: Any, hint: str) -> None:
+    """An aware datetime a message can carry; a naive one is refused (whose clock would it be?)."""
+    if not isinstance(value, datetime):
+        raise ConfigurationError(
+            f"send option {name} must be a timezone-aware datetime{hint}, not {value!r}"
+        )
+    if value.utcoffset() is None:
+        raise ConfigurationError(
+            f"send option {name} must be timezone-aware (a naive datetime has no agreed "
+            f"clock; use datetime.now(timezone.utc) or attach a tzinfo), not {value!r}"
+        )
+    if value.timestamp() > MAX_UNIX_TIME:
+        raise ConfigurationError(f"send option {name} is after the year 9999: {value!r}")
+
+
+def send_times(options: SendOptions, now: float) -> tuple[float | None, float | None]:
+    """The message's (eta, expires) as unix times, for a message built at ``now``.
+
+    Times before 1970 become 0 (long past either way), which the envelope accepts.
+    """
+    eta: float | None = None
+    if options.countdown is not None:
+        eta = now + options.countdown
+    elif options.eta is not None:
+        eta = max(0.0, options.eta.timestamp())
+    expires = options.expires
+    if expires is None:
+        return eta, None
+    if isinstance(expires, datetime):
+        return eta, max(0.0, expires.timestamp())
+    return eta, now + expires
 
 
 def make_send_options(base: SendOptions, options: dict[str, Any]) -> SendOptions:
@@ -87,7 +163,13 @@ def make_send_options(base: SendOptions, options: dict[str, Any]) -> SendOptions
     options = _check_send_options(dict(options))
     if "headers" in options:
         options["headers"] = {**base.headers, **(options["headers"] or {})}
-    return replace(base, **options)
+    merged = replace(base, **options)
+    if merged.countdown is not None and merged.eta is not None:
+        raise ConfigurationError(
+            f"send options countdown ({merged.countdown!r}) and eta ({merged.eta!r}) both say "
+            "when to run: give one (set the other to None to clear it)"
+        )
+    return merged
 
 
 def is_async_callable(fn: Any) -> bool:
@@ -183,7 +265,8 @@ class Task(Generic[P, R]):
         return await self.app.send_batch(self, calls, None)
 
     def options(self, **options: Any) -> TaskOptions[P, R]:
-        """Send options for the next send: task_id, queue, headers, result_ttl, parent_id."""
+        """Send options: task_id, queue, headers, result_ttl, parent_id, root_id, countdown,
+        eta, expires. Each is checked here, so a bad value fails before any I/O."""
         return TaskOptions(self, make_send_options(SendOptions(), options))
 
     def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[P, R]:
@@ -218,6 +301,10 @@ class TaskOptions(Generic[P, R]):
 
     def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[P, R]:
         return Signature(self.task, args, kwargs, self._options)
+
+    async def apply(self, *args: P.args, **kwargs: P.kwargs) -> EagerResult[R]:
+        """Run here now (countdown and eta are ignored); an already expired task is REVOKED."""
+        return await self.task.app.apply_task(self.task, args, kwargs, self._options)
 
 
 class Signature(Generic[P, R]):

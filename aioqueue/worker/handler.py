@@ -21,7 +21,6 @@ from ..errors import (
     AioQueueError,
     DeliveryLimitExceeded,
     MessageTooLarge,
-    TaskExpired,
     TaskNotRegistered,
 )
 from ..message import Message, Outcome, States
@@ -119,15 +118,16 @@ class Handler:
         return await self._run(delivery, task, message, ttl)
 
     def _schedule(self, message: Message, ttl: float) -> Disposition | Park | None:
-        """Expired: FAILURE without running. Not due: park. Due: None (run it now)."""
+        """Expired: REVOKED without running. Not due: park. Due: None (run it now)."""
         now = time.time()
         if message.expires is not None and message.expires < max(now, message.eta or now):
             if message.expires < now:
-                error = TaskExpired(f"task {message.id} expired {now - message.expires:.3f}s ago")
+                why = f"expired {now - message.expires:.3f}s ago"
             else:
-                error = TaskExpired(f"task {message.id} expires before its eta")
-            log.warning("%s[%s] discarded: %s", short(message.task), message.id, error)
-            return Ack(self._store(message.id, failure_outcome(message.id, error), ttl, message))
+                why = "expires before its eta"
+            log.warning("%s[%s] revoked, not run: %s", short(message.task), message.id, why)
+            revoked = Outcome.revoked(message.id, "expired")
+            return Ack(self._store(message.id, revoked, ttl, message))
         if message.eta is None or message.eta - now <= ETA_HOLD:
             return None
         if self._max_hold is not None and message.eta - now > self._max_hold:
