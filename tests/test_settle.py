@@ -286,3 +286,35 @@ async def _fetch_one(consumer: Any) -> list[Any]:
         if got:
             return list(got)
     raise AssertionError("nothing to fetch within 10s")
+
+
+async def test_a_parked_message_that_expires_while_waiting_for_a_slot_is_not_run(
+    make_app: AppFactory,
+) -> None:
+    """Its eta came, but the only slot was busy until after its expiry: REVOKED, never run."""
+    from aioqueue import TaskRevoked
+
+    app = make_app()
+    ran: list[str] = []
+    release = asyncio.Event()
+
+    @app.task
+    async def hold() -> str:
+        await release.wait()
+        return "held"
+
+    @app.task
+    async def stamp(name: str) -> str:
+        ran.append(name)
+        return name
+
+    async with app, running_worker(app, concurrency=1):
+        now = time.time()
+        late = await stamp.options(countdown=1.0, expires=1.8).send("late")
+        holder = await hold.send()  # takes the only slot before the eta comes
+        await asyncio.sleep(max(0.0, now + 2.2 - time.time()))  # past the expiry
+        release.set()
+        assert await holder.get(timeout=10) == "held"
+        with pytest.raises(TaskRevoked):
+            await late.get(timeout=10)
+        assert ran == []

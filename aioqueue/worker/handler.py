@@ -108,8 +108,8 @@ class Handler:
             )
             return self._reject(delivery, message, error)
         ttl = message.result_ttl or task.result_ttl or self._result_ttl
-        if not due and (message.eta is not None or message.expires is not None):
-            scheduled = self._schedule(message, ttl)
+        if message.eta is not None or message.expires is not None:
+            scheduled = self._schedule(message, ttl, due=due)
             if scheduled is not None:
                 return scheduled
         if delivery.attempt > 1 and await self._already_done(message.id):
@@ -117,8 +117,12 @@ class Handler:
             return Ack()
         return await self._run(delivery, task, message, ttl)
 
-    def _schedule(self, message: Message, ttl: float) -> Disposition | Park | None:
-        """Expired: REVOKED without running. Not due: park. Due: None (run it now)."""
+    def _schedule(self, message: Message, ttl: float, *, due: bool) -> Disposition | Park | None:
+        """Expired: REVOKED without running. Not due: park. Due: None (run it now).
+
+        ``due``: back from being parked; expiry is checked again (it may have passed while the
+        message waited for a slot), the eta is not.
+        """
         now = time.time()
         if message.expires is not None and message.expires < max(now, message.eta or now):
             if message.expires < now:
@@ -128,7 +132,7 @@ class Handler:
             log.warning("%s[%s] revoked, not run: %s", short(message.task), message.id, why)
             revoked = Outcome.revoked(message.id, "expired")
             return Ack(self._store(message.id, revoked, ttl, message))
-        if message.eta is None or message.eta - now <= ETA_HOLD:
+        if due or message.eta is None or message.eta - now <= ETA_HOLD:
             return None
         if self._max_hold is not None and message.eta - now > self._max_hold:
             return Park(now + self._max_hold, give_back=True)
