@@ -21,9 +21,9 @@ import aiormq
 import pytest
 from conftest import AMQP_URL, require_server, running_worker, wait_until
 
-from aioqueue import App
+from aioqueue import App, BrokerError
 from aioqueue.brokers.amqp import AmqpBroker, delay_bucket
-from aioqueue.brokers.amqp_consumer import DELAY_BUCKETS_MS, MIN_DELAY
+from aioqueue.brokers.amqp_consumer import DELAY_BUCKETS_MS, ETA_HEADER, MIN_DELAY
 from aioqueue.brokers.base import Consumer
 from aioqueue.message import Message
 
@@ -206,6 +206,38 @@ async def test_the_attempt_travels_through_the_buckets(make_app: AppMaker) -> No
         assert arrived >= eta - EARLY
 
 
+async def test_a_redelivered_message_not_due_is_rerouted_with_its_attempt_raised(
+    make_app: AppMaker,
+) -> None:
+    """A delayed message that a consumer died holding comes back flagged redelivered: the next
+    consumer sends it on to a bucket (it is not due) with the attempt counted, in one step."""
+    app = make_app()
+    async with app:
+        broker = await amqp_broker(app)
+        await broker.declare("default")
+        eta = time.time() + 1.5
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    envelope(app, eta), delivery_mode=2, headers={ETA_HEADER: int(eta * 1000) + 1}
+                ),
+                routing_key=broker.names("default").queue,
+            )
+            queue = await channel.get_queue(broker.names("default").queue, ensure=False)
+            held = await queue.get(no_ack=False, timeout=5)
+            assert held is not None
+            await channel.close()  # never acked: RabbitMQ puts it back, redelivered
+        finally:
+            await connection.close()
+        async with receiver(broker) as got:
+            await got.wait_for(1, timeout=10)
+        arrived, _, attempt = got.got[0]
+        assert attempt == 2
+        assert eta - EARLY <= arrived < eta + 1.0
+
+
 async def test_publish_many_with_mixed_etas(make_app: AppMaker) -> None:
     app = make_app()
     async with app:
@@ -252,6 +284,33 @@ async def test_a_thousand_messages_due_in_the_same_second(make_app: AppMaker) ->
         assert len({body for _, body, _ in got.got}) == 1000
         assert lateness[0] >= -EARLY
         assert p99 < 2.0
+
+
+async def test_a_message_that_cannot_be_rerouted_is_handed_over_not_lost(
+    make_app: AppMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If publishing to the next bucket fails, the consumer hands the message over after all
+    (the worker then parks it until its eta): early, never lost, never stuck unacked."""
+    app = make_app()
+    async with app:
+        broker = await amqp_broker(app)
+        eta = time.time() + 1.5
+        await broker.publish("default", envelope(app, eta), eta=eta)
+
+        async def refuse(*_: object, **__: object) -> None:
+            raise BrokerError("refused by the test")
+
+        monkeypatch.setattr(broker, "publish_delayed", refuse)
+        consumer = broker.consumer(["default"], worker_id="w", prefetch=1)
+        await consumer.start()
+        try:
+            got = await consumer.fetch(1, timeout=5)
+            assert len(got) == 1
+            assert time.time() < eta  # out of the 1 s bucket, 0.5 s early: the worker parks it
+            assert app.codec.decode(got[0].body).eta == eta
+            await got[0].ack()
+        finally:
+            await consumer.close()
 
 
 # -- the worker -----------------------------------------------------------------------------
