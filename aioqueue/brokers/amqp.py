@@ -8,6 +8,11 @@ share one vhost without seeing each other's messages)::
                                quorum queues also get x-delivery-limit (``amqp_delivery_limit``)
     p.dead           exchange  direct, durable: the dead-letter exchange of every queue of p
     p.q.dead         queue     durable, bound to p.dead with key p.q.dead: the dead letters of q
+    p.q.delay.<N>ms  queue     durable, same type as p.q, declared on first use: a delay bucket
+                               x-message-ttl=N, x-dead-letter-exchange="" and
+                               x-dead-letter-routing-key=p.q (quorum: at-least-once
+                               dead-lettering, x-overflow=reject-publish); N = 2^k seconds in ms,
+                               k = -5 .. 16 (31 ms .. 65,536 s)
 
 Sending publishes to the default exchange with routing key ``p.q``: persistent, ``mandatory``
 (a queue deleted under us is an error, not a silent drop), on one of a small fixed pool of
@@ -16,6 +21,22 @@ a nack, a return or a lost connection raises :class:`~aioqueue.errors.BrokerErro
 sends share the channels and their confirms are in flight together, so a thousand ``send()``
 calls cost a window of confirms, not a thousand round trips one after another. The queue is
 declared (once per process) before its first message is sent to it.
+
+Delays (``publish(..., eta=)``), without plugins and without head-of-line blocking: a message
+due in ``d`` seconds is published to the largest bucket whose TTL is at most ``d``, with its eta
+in the ``x-aioqueue-eta`` header. Every message of a bucket has the same TTL, so the bucket
+expires them in the order they came, each at its time, back into ``p.q``. It comes out at most
+``d`` after it went in, so never late by the bucket: if it is still not due, the consumer that
+receives it publishes it (confirmed, then acks it) to the largest bucket at most the time left,
+and hands it to the worker only when less than the smallest bucket (31 ms) remains. Every hop at
+least halves the time left, so a delay crosses a few buckets (a few more for a long one), and
+the lateness is one hop's, not their sum (each hop is chosen from the absolute eta). While it
+waits a delayed message is persistent in RabbitMQ and unacked nowhere: it survives every worker
+stopping and is never redelivered for having waited long. A delay under 31 ms, or an eta in
+the past, is published straight to ``p.q`` exactly as without one. Caveats: a classic queue
+dead-letters at most once (a node crash at the moment of expiry can lose the message; a quorum
+bucket dead-letters at least once), and a work queue deleted while messages wait in its buckets
+drops them as they expire.
 
 Delivery contract (consumers, prefetch, acks): see :mod:`aioqueue.brokers.amqp_consumer`.
 
@@ -30,9 +51,11 @@ and closes it, which puts them all back in order.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -52,10 +75,17 @@ from .._amqp import (
 )
 from ..config import mask_url
 from ..errors import BrokerError, ConfigurationError
-from .amqp_consumer import ATTEMPT_HEADER, _AmqpConsumer
+from .amqp_consumer import ATTEMPT_HEADER, DELAY_BUCKETS_MS, ETA_HEADER, MIN_DELAY, _AmqpConsumer
 from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Outgoing
 
-__all__ = ["AmqpBroker", "ChannelPool", "amqp_errors", "connection_name", "open_connection"]
+__all__ = [
+    "AmqpBroker",
+    "ChannelPool",
+    "amqp_errors",
+    "connection_name",
+    "delay_bucket",
+    "open_connection",
+]
 
 REASON_HEADER = "x-aioqueue-reason"
 QUEUE_HEADER = "x-aioqueue-queue"
@@ -63,6 +93,13 @@ DEAD_AT_HEADER = "x-aioqueue-dead-at"
 SIZE_HEADER = "x-aioqueue-size"
 QUEUE_TYPES = frozenset({"classic", "quorum"})
 _PUBLISH_WINDOW = 1000
+
+
+def delay_bucket(delay: float) -> int:
+    """TTL in ms of the bucket for a message due in ``delay`` seconds (at least MIN_DELAY): the
+    largest that is not longer than the delay, so the message never comes out after its eta."""
+    index = bisect.bisect_right(DELAY_BUCKETS_MS, delay * 1000) - 1
+    return DELAY_BUCKETS_MS[max(index, 0)]
 
 
 # -- the broker -------------------------------------------------------------------------
@@ -75,6 +112,9 @@ class _Names:
         self.queue = f"{prefix}.{queue}"
         self.dead = f"{self.queue}.dead"
         self.dlx = f"{prefix}.dead"
+
+    def delay(self, ttl_ms: int) -> str:
+        return f"{self.queue}.delay.{ttl_ms}ms"
 
 
 class AmqpBroker:
@@ -122,6 +162,8 @@ class AmqpBroker:
         self._admin: AbstractRobustChannel | None = None
         self._connect_lock: asyncio.Lock | None = None
         self._declared: dict[str, asyncio.Future[None]] = {}
+        self._delays_declared: dict[tuple[str, int], asyncio.Future[None]] = {}
+        self._delay_queues: set[str] = set()  # every bucket declared, for delete_queues_on_close
         self._names: dict[str, _Names] = {}
 
     # -- connections ----------------------------------------------------------------------
@@ -143,6 +185,23 @@ class AmqpBroker:
         }
         if self.queue_type == "quorum" and self.delivery_limit is not None:
             args["x-delivery-limit"] = self.delivery_limit
+        return args
+
+    def delay_arguments(self, names: _Names, ttl_ms: int) -> dict[str, Any]:
+        """A bucket: everything in it expires after ``ttl_ms`` back into the work queue.
+
+        Quorum queues support message TTL and at-least-once dead-lettering since RabbitMQ 3.10
+        (which needs ``reject-publish`` overflow; with no length limit nothing is rejected).
+        """
+        args: dict[str, Any] = {
+            "x-queue-type": self.queue_type,
+            "x-message-ttl": ttl_ms,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": names.queue,
+        }
+        if self.queue_type == "quorum":
+            args["x-dead-letter-strategy"] = "at-least-once"
+            args["x-overflow"] = "reject-publish"
         return args
 
     async def connect_role(self, role: str) -> AbstractRobustConnection:
@@ -172,6 +231,7 @@ class AmqpBroker:
     def _on_reconnect(self, *_: Any) -> None:
         # A queue deleted while we were away must be declared again before we send to it.
         self._declared.clear()
+        self._delays_declared.clear()
 
     @property
     def connection(self) -> AbstractRobustConnection | None:
@@ -196,24 +256,30 @@ class AmqpBroker:
 
     async def declare(self, queue: str) -> None:
         """Declare ``queue`` with its dead-letter exchange and queue, once per connection."""
-        done = self._declared.get(queue)
-        if done is None:
-            done = self._declared[queue] = asyncio.get_running_loop().create_future()
-            try:
-                with self.errors():
-                    await self._declare(self.names(queue))
-            except BaseException as exc:
-                del self._declared[queue]
-                done.set_exception(exc)
-                done.exception()  # retrieved here: concurrent waiters re-raise it
-                raise
-            done.set_result(None)
-        await done
+        names = self.names(queue)
+        await _once(self._declared, queue, lambda: self._declare(self._declare_on, names))
 
-    async def _declare(self, names: _Names) -> None:
-        channel = await self._admin_channel()
-        with guarded(channel):
-            await self._declare_on(channel, names)
+    async def declare_delay(self, queue: str, ttl_ms: int) -> None:
+        """Declare the bucket ``ttl_ms`` of ``queue`` (and ``queue`` first: an expired message
+        dead-lettered to a missing queue is dropped), once per connection."""
+        await self.declare(queue)
+        names = self.names(queue)
+
+        async def on(channel: AbstractChannel, names: _Names) -> None:
+            bucket = names.delay(ttl_ms)
+            self._delay_queues.add(bucket)
+            arguments = self.delay_arguments(names, ttl_ms)
+            await channel.queue_declare(bucket, durable=True, arguments=arguments)
+
+        await _once(self._delays_declared, (queue, ttl_ms), lambda: self._declare(on, names))
+
+    async def _declare(
+        self, on: Callable[[AbstractChannel, _Names], Awaitable[None]], names: _Names
+    ) -> None:
+        with self.errors():
+            channel = await self._admin_channel()
+            with guarded(channel):
+                await on(channel, names)
 
     async def _declare_on(self, channel: AbstractChannel, names: _Names) -> None:
         await channel.exchange_declare(names.dlx, exchange_type="direct", durable=True)
@@ -258,6 +324,9 @@ class AmqpBroker:
                     ) from exc
 
     async def publish(self, queue: str, body: bytes, *, eta: float | None = None) -> None:
+        if eta is not None and eta - time.time() >= MIN_DELAY:
+            await self.publish_delayed(queue, body, eta)
+            return
         if queue not in self._declared or not self._declared[queue].done():
             await self.declare(queue)
         try:
@@ -270,6 +339,31 @@ class AmqpBroker:
             self._declared.pop(queue, None)
             await self.declare(queue)
             await self._publish("", self.names(queue).queue, body)
+
+    async def publish_delayed(
+        self, queue: str, body: bytes, eta: float, *, attempt: int = 1
+    ) -> None:
+        """Publish to the bucket for the time left until ``eta``, confirm-awaited.
+
+        ``attempt`` above 1 travels in the attempt header, as :meth:`republish` does. The time
+        left must be at least MIN_DELAY (``publish`` sends anything shorter straight on).
+        """
+        ttl_ms = delay_bucket(eta - time.time())
+        headers: dict[str, Any] = {ETA_HEADER: math.ceil(eta * 1000)}
+        if attempt > 1:
+            headers[ATTEMPT_HEADER] = attempt
+        await self.declare_delay(queue, ttl_ms)
+        bucket = self.names(queue).delay(ttl_ms)
+        try:
+            await self._publish("", bucket, body, headers)
+        except BrokerError as exc:
+            if not isinstance(exc.__cause__, aiormq.exceptions.PublishError):
+                raise
+            # Returned unroutable: the bucket was deleted since we declared it (as in publish).
+            self._declared.pop(queue, None)
+            self._delays_declared.pop((queue, ttl_ms), None)
+            await self.declare_delay(queue, ttl_ms)
+            await self._publish("", bucket, body, headers)
 
     async def publish_many(self, items: Sequence[Outgoing]) -> None:
         """All in flight at once (in windows of 1,000): confirms overlap instead of queueing."""
@@ -285,8 +379,16 @@ class AmqpBroker:
             if failed is not None:
                 raise failed
 
-    async def republish(self, queue: str, body: bytes, attempt: int) -> None:
-        """Publish ``body`` to ``queue`` again carrying its attempt number, confirm-awaited."""
+    async def republish(
+        self, queue: str, body: bytes, attempt: int, eta: float | None = None
+    ) -> None:
+        """Publish ``body`` to ``queue`` again carrying its attempt number, confirm-awaited.
+
+        With an ``eta`` still ahead (a delayed message given back) it goes to a delay bucket.
+        """
+        if eta is not None and eta - time.time() >= MIN_DELAY:
+            await self.publish_delayed(queue, body, eta, attempt=attempt)
+            return
         await self.declare(queue)
         await self._publish("", self.names(queue).queue, body, {ATTEMPT_HEADER: attempt})
 
@@ -375,6 +477,7 @@ class AmqpBroker:
         self._pool = None
         self._admin = None
         self._declared.clear()
+        self._delays_declared.clear()
         if connection is None:
             return
         try:
@@ -390,6 +493,8 @@ class AmqpBroker:
         with contextlib.suppress(Exception):
             async with connection.channel(publisher_confirms=False) as channel:
                 underlay = await channel.get_underlay_channel()
+                for bucket in sorted(self._delay_queues):
+                    await underlay.queue_delete(bucket)
                 for names in self._names.values():
                     await underlay.queue_delete(names.queue)
                     await underlay.queue_delete(names.dead)
@@ -401,6 +506,24 @@ class AmqpBroker:
             f"AmqpBroker({self.url!r}, key_prefix={self.key_prefix!r}, "
             f"queue_type={self.queue_type!r})"
         )
+
+
+async def _once(
+    declared: dict[Any, asyncio.Future[None]], key: Any, declare: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``declare`` once for ``key``; concurrent callers wait for it and share its error."""
+    done = declared.get(key)
+    if done is None:
+        done = declared[key] = asyncio.get_running_loop().create_future()
+        try:
+            await declare()
+        except BaseException as exc:
+            del declared[key]
+            done.set_exception(exc)
+            done.exception()  # retrieved here: concurrent waiters re-raise it
+            raise
+        done.set_result(None)
+    await done
 
 
 def _dead_letter(queue: str, message: DeliveredMessage) -> DeadLetter:

@@ -31,6 +31,14 @@ A message may stay unacked at most RabbitMQ's ``consumer_timeout`` (30 minutes b
 before RabbitMQ closes the channel and redelivers everything on it: parked messages (a future
 eta) are given back after ``max_hold`` (15 minutes), and a task that runs longer than the
 timeout needs the server's ``consumer_timeout`` raised (see the README).
+
+Delays: a message published with an eta waits in a delay bucket (see :mod:`aioqueue.brokers.amqp`)
+and comes out into the work queue at most its delay later, usually earlier. One that still has
+:data:`MIN_DELAY` or more to wait (its ``x-aioqueue-eta`` header says) is never handed to the
+worker: the consumer publishes it to the next bucket (confirmed, then acks it), carrying its
+attempt. If that fails it is handed over after all, and the worker parks it (the fallback for
+messages with an eta but no header, too). A delayed message given back untouched goes back to a
+bucket, not to the work queue.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiormq
@@ -63,6 +72,14 @@ log = logging.getLogger("aioqueue.broker.amqp")
 _MAX_PREFETCH = 65535
 _BURST_SETTLE = 1.0
 ATTEMPT_HEADER = "x-aioqueue-attempt"
+ETA_HEADER = "x-aioqueue-eta"
+"""A delayed message's eta in integer milliseconds (pamqp would send a float as 32 bits, which
+is off by minutes at today's unix times): read here without decoding the body."""
+DELAY_BUCKETS_MS: tuple[int, ...] = tuple(int(1000 * 2.0**k) for k in range(-5, 17))
+"""TTLs of the delay bucket queues: powers of two of seconds, 2^-5 s (31 ms) to 2^16 s."""
+MIN_DELAY = DELAY_BUCKETS_MS[0] / 1000
+"""A delay shorter than the smallest bucket goes straight to the work queue; the worker waits
+out the rest (``ETA_HOLD``), so a message reaches a worker at most this much before its eta."""
 MAX_HOLD = 900.0
 """Seconds a parked message may stay unacked: half RabbitMQ's default consumer_timeout."""
 
@@ -75,6 +92,7 @@ class _AmqpDelivery:
         "_tag",
         "attempt",
         "body",
+        "eta",
         "queue",
         "redelivered_by_broker",
         "size",
@@ -99,6 +117,13 @@ class _AmqpDelivery:
             self.attempt = base + count
         else:
             self.attempt = base + 1 if message.redelivered else base
+        eta_ms = headers.get(ETA_HEADER)
+        self.eta = eta_ms / 1000 if type(eta_ms) is int else None
+
+    @property
+    def waiting(self) -> bool:
+        """Came out of a delay bucket with at least MIN_DELAY still to wait."""
+        return self.eta is not None and self.eta - time.time() >= MIN_DELAY
 
     @property
     def redelivered(self) -> bool:
@@ -137,7 +162,8 @@ class _AmqpDelivery:
         if not count_attempt and not self.stale:
             # A copy with the same attempt, confirmed, then the ack: a nack would set the
             # redelivered flag and count an attempt for a message that never ran.
-            await self._consumer.broker.republish(self.queue, self.body, self.attempt)
+            broker = self._consumer.broker
+            await broker.republish(self.queue, self.body, self.attempt, self.eta)
             await self.ack()
             return
         if self._settle():
@@ -174,6 +200,7 @@ class _AmqpConsumer:
         self.broker = broker
         self.max_size = max_size
         self._recounting: set[asyncio.Task[None]] = set()
+        self._rerouting: set[asyncio.Task[None]] = set()
         self._initial_prefetch = prefetch or 0
         self.worker_id = worker_id
         self.queues = tuple(queues)
@@ -327,6 +354,30 @@ class _AmqpConsumer:
         except Exception as exc:
             log.warning("could not record a redelivery on %s: %s", delivery.queue, exc)
 
+    async def _reroute(self, delivery: _AmqpDelivery) -> None:
+        """Out of a bucket early: on to the bucket for the time left, confirmed, then the ack.
+
+        If that fails the worker gets it after all and parks it until its eta: late to be
+        freed, never early, never lost.
+        """
+        assert delivery.eta is not None
+        try:
+            await self.broker.publish_delayed(
+                delivery.queue, delivery.body, delivery.eta, attempt=delivery.attempt
+            )
+        except Exception as exc:
+            log.warning("could not re-route a delayed message on %s: %s", delivery.queue, exc)
+            if not delivery.stale:
+                self._buffer.append(delivery)
+                self._arrived.set()
+            return
+        await delivery.ack()
+
+    def _spawn(self, tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
     def _on_reopen(self, *_: Any) -> None:
         self._reopens += 1
 
@@ -335,10 +386,12 @@ class _AmqpConsumer:
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             delivery = _AmqpDelivery(self, queue, message)
+            if delivery.eta is not None and delivery.waiting:
+                # Also records a classic redelivery: the copy carries the raised attempt.
+                self._spawn(self._rerouting, self._reroute(delivery))
+                return
             if count_redeliveries and delivery.redelivered_by_broker:
-                task = asyncio.get_running_loop().create_task(self._recount(delivery))
-                self._recounting.add(task)
-                task.add_done_callback(self._recounting.discard)
+                self._spawn(self._recounting, self._recount(delivery))
                 return
             self._buffer.append(delivery)
             self._arrived.set()
@@ -363,6 +416,8 @@ class _AmqpConsumer:
         except Exception as exc:
             log.info("giving back unsettled deliveries failed (%r); RabbitMQ requeues them", exc)
         finally:
+            for task in list(self._rerouting):
+                task.cancel()  # cut short by the timeout: the channel gives its message back
             self._buffer.clear()
             await close_quietly(connection, timeout)
 
@@ -377,6 +432,10 @@ class _AmqpConsumer:
                         await self._amqp_queues[queue].cancel(tag)
         for task in list(self._recounting):
             task.cancel()  # its message is still unacked: closing the channel returns it
+        if self._rerouting:
+            # Let them finish (bounded by close's timeout): one cut short may leave a copy in
+            # a bucket beside the original the channel gives back.
+            await asyncio.gather(*self._rerouting, return_exceptions=True)
         never_ran = [d for d in self._buffer if not d.stale]
         ran = [d for d in self.handed if not d.stale]
         self._buffer.clear()
