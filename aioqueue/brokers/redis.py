@@ -9,6 +9,14 @@ Redis Cluster slot)::
     p:{q}:alive:<worker>         string heartbeat, expires after worker_heartbeat_ttl
     p:{q}:dead                   list   dead letters: JSON {queue, reason, at, body | body_b64
                                         | body_hex, size (only when the body was cut short)}
+    p:{q}:delayed                zset   messages with a future eta, scored by it (unix time)
+    p:{q}:delayed:wake           channel  a notice (the eta) for each delayed publish
+
+Delays: a message published with a future eta waits in the sorted set, held by no worker, so it
+survives every worker stopping and cannot be run twice for waiting long. Each live consumer runs
+a mover (:class:`_DelayMover`) that moves due messages to the front of the list in one Lua
+script and then sleeps until the next due time (capped at a second), woken early by a notice
+when an earlier message is published.
 
 Delivery contract: a message is moved atomically from the queue into the worker's processing
 list (a Lua script takes up to the number of free slots at once; BLMOVE waits when the queue is
@@ -41,7 +49,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+from hiredis import pack_command
 from redis import Redis as SyncRedis
+from redis import exceptions as redis_errors
 
 from .._redis import (
     CommandBatcher,
@@ -52,6 +62,7 @@ from .._redis import (
     eviction_warning,
     redis_errors_as,
 )
+from .._redis_link import RedisLink, link_settings
 from ..config import mask_url
 from ..errors import AioQueueError
 from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, Outgoing, attempt_of
@@ -164,7 +175,28 @@ redis.call('LREM', KEYS[1], -1, ARGV[1])
 return 1
 """
 
+# Move up to ARGV[2] messages of the delayed set KEYS[1] whose eta is at or before ARGV[1] to the
+# front of queue KEYS[2] (RPUSH: they are taken next, earliest eta first), and return how many
+# moved and the next eta still waiting (a string; false when none). Due messages go to the front
+# because they already waited their delay: behind a backlog they would be late by all of it.
+_MOVE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #due > 0 then
+  for i = #due, 1, -1 do redis.call('RPUSH', KEYS[2], due[i]) end
+  for i = 1, #due, 500 do
+    redis.call('ZREM', KEYS[1], unpack(due, i, math.min(i + 499, #due)))
+  end
+end
+local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#due, head[2] or false}
+"""
+
 _FETCH_SCRIPT = Script(_FETCH)
+_MOVE_DUE_SCRIPT = Script(_MOVE_DUE)
+_MOVE_BATCH = 1000
+MAX_DELAY_SLEEP = 1.0
+"""Longest a mover sleeps between looks at the delayed sets: a lost wake notice (the notice
+link down, or a worker that subscribed late) makes a message at most this late."""
 _RETURN_SCRIPT = Script(_RETURN)
 _GIVE_BACK_SCRIPT = Script(_GIVE_BACK)
 _BURY_SCRIPT = Script(_BURY)
@@ -173,13 +205,15 @@ _BURY_SCRIPT = Script(_BURY)
 class _Keys:
     """Key names of one queue."""
 
-    __slots__ = ("base", "dead", "queue", "workers")
+    __slots__ = ("base", "dead", "delayed", "queue", "wake", "workers")
 
     def __init__(self, prefix: str, queue: str) -> None:
         self.queue = f"{prefix}:{{{queue}}}"
         self.base = self.queue + ":"
         self.workers = self.base + "workers"
         self.dead = self.base + "dead"
+        self.delayed = self.base + "delayed"
+        self.wake = self.delayed + ":wake"
 
     def processing(self, worker_id: str) -> str:
         return f"{self.base}processing:{worker_id}"
@@ -369,6 +403,148 @@ class _LeaseKeeper:
         self._thread.join(timeout=self._timeout + 0.5)
 
 
+class _DelayMover:
+    """Moves a consumer's due delayed messages into their queues; sleeps until the next is due.
+
+    After each move it sleeps until the earliest eta still waiting, at most
+    :data:`MAX_DELAY_SLEEP`, and no longer than the eta of any wake notice that arrives
+    meanwhile (publishers send one per delayed publish on ``p:{q}:delayed:wake``, in the same
+    pipeline as the ZADD). So an idle worker with many delayed messages wakes about once a
+    second, never polls fast, and an earlier message published during a long sleep is still on
+    time. Any number of workers may move at once: the script is atomic, a message moves once.
+
+    The notices come on a connection of the mover's own (a :class:`RedisLink`, subscribed
+    before the first move so no notice is missed). It is ended by aborting its socket, which
+    makes the read fail at once, never by cancelling a read; without it (Redis unreachable)
+    the mover still looks every second.
+    """
+
+    def __init__(self, broker: RedisBroker, keys: Sequence[_Keys]) -> None:
+        self._broker = broker
+        self._keys = tuple(keys)
+        self._link: RedisLink | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        link, self._link = self._link, None
+        if link is not None:
+            link.abort()  # a read waiting for a notice fails at once
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                await task
+        except TimeoutError:
+            # stuck in a round trip to an unreachable Redis: the batcher drops that link
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                await self._subscribe()
+                await self._sleep_until(await self._move_or_warn())
+        finally:  # also when cancelled with the loop (a consumer that was never closed)
+            link, self._link = self._link, None
+            if link is not None:
+                link.abort()
+
+    async def _move_or_warn(self) -> float:
+        """Move what is due; when to look again (unix time)."""
+        try:
+            until = min(await self.move_due(), time.time() + MAX_DELAY_SLEEP)
+        except AioQueueError as exc:
+            if not self._failing:
+                log.warning("moving due delayed messages failed: %s", exc)
+            self._failing = True
+            return time.time() + MAX_DELAY_SLEEP
+        self._failing = False
+        return until
+
+    async def move_due(self) -> float:
+        """Move every due message of our queues; the earliest eta still waiting (or inf)."""
+        earliest = math.inf
+        for keys in self._keys:
+            while True:
+                moved, head = await _MOVE_DUE_SCRIPT.run(
+                    self._broker.batcher, [keys.delayed, keys.queue], [time.time(), _MOVE_BATCH]
+                )
+                if moved < _MOVE_BATCH:
+                    break
+            if head is not None:
+                earliest = min(earliest, float(head))
+        return earliest
+
+    async def _subscribe(self) -> None:
+        if self._link is not None and self._link.usable:
+            return
+        self._link = None
+        try:
+            link = await RedisLink.open(link_settings(self._broker.client))
+        except (redis_errors.RedisError, OSError) as exc:
+            if not self._failing:
+                log.warning("cannot listen for delay notices on %s: %s", self._broker.url, exc)
+            return
+        channels = [keys.wake for keys in self._keys]
+        command: tuple[Any, ...] = ("SUBSCRIBE", *channels)
+        try:
+            async with asyncio.timeout(MAX_DELAY_SLEEP * 5):
+                await link.roundtrip(pack_command(command), len(channels))
+        except (redis_errors.RedisError, OSError) as exc:  # OSError includes TimeoutError
+            link.abort()
+            log.warning("cannot subscribe to delay notices on %s: %s", self._broker.url, exc)
+            return
+        except BaseException:
+            link.abort()
+            raise
+        if self._stop.is_set():
+            link.abort()
+        else:
+            self._link = link
+
+    async def _sleep_until(self, until: float) -> None:
+        """Sleep until ``until`` (unix time), brought forward by any earlier notice."""
+        while not self._stop.is_set():
+            remaining = until - time.time()
+            if remaining <= 0:
+                return
+            link = self._link
+            if link is None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await self._stop.wait()
+                continue
+            try:
+                # a StreamReader read is safe to time out: unread bytes stay buffered
+                async with asyncio.timeout(remaining):
+                    (frame,) = await link.roundtrip(b"", 1)
+            except TimeoutError:
+                return
+            except (redis_errors.RedisError, OSError):
+                link.abort()
+                self._link = None  # resubscribed before the next move
+                return
+            until = min(until, _notice_eta(frame))
+
+
+def _notice_eta(frame: Any) -> float:
+    """The eta a wake notice carries (``["message", channel, eta]``); inf for anything else."""
+    try:
+        if frame[0] == b"message":
+            return float(frame[2])
+    except (TypeError, ValueError, IndexError):
+        pass
+    return math.inf
+
+
 def _masked(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {mask_url(str(exc))}"
 
@@ -389,6 +565,7 @@ class _RedisConsumer:
         self._buffer: list[Delivery] = []
         self._waiters: dict[str, asyncio.Task[bytes]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._mover = _DelayMover(broker, list(self._keys.values()))
         self._lease: _LeaseKeeper | None = None
         self._blocking: RedisClient | None = None
         self._blockers: dict[str, CommandBatcher] = {}
@@ -417,6 +594,7 @@ class _RedisConsumer:
         await self._beat()
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
         self._lease.start(first_beat)
+        self._mover.start()
 
     def lease_in_doubt(self, taken_at: float) -> bool:
         """True if a message this worker took at ``taken_at`` may have been swept meanwhile."""
@@ -575,6 +753,7 @@ class _RedisConsumer:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        await self._mover.stop()
         await self._end_waits()
         # Buffered deliveries never started: they go back as they were. Whatever else is left
         # in the processing lists was running when the worker gave up on it: attempt raised.
@@ -676,7 +855,19 @@ class RedisBroker:
             log.warning("%s: %s", self.url, warning)
 
     async def publish(self, queue: str, body: bytes, *, eta: float | None = None) -> None:
-        key = self.keys(queue).queue
+        """LPUSH, or with a future ``eta`` ZADD to the delayed set plus a wake notice (the same
+        single round trip either way)."""
+        keys = self.keys(queue)
+        if eta is not None and eta > time.time():
+            delayed, wake = keys.delayed, keys.wake
+
+            def delay(pipe: Commands) -> None:
+                _zadd(pipe, delayed, [eta, body])
+                pipe.publish(wake, repr(eta).encode())
+
+            await self.batcher.run(delay)
+            return
+        key = keys.queue
 
         def stage(pipe: Commands) -> None:
             pipe.lpush(key, body)
@@ -685,13 +876,23 @@ class RedisBroker:
 
     async def publish_many(self, items: Sequence[Outgoing]) -> None:
         grouped: dict[str, list[bytes]] = {}
-        for queue, body, _ in items:
-            grouped.setdefault(self.keys(queue).queue, []).append(body)
+        delayed: dict[_Keys, list[float | bytes]] = {}
+        now = time.time()
+        for queue, body, eta in items:
+            if eta is not None and eta > now:
+                delayed.setdefault(self.keys(queue), []).extend((eta, body))
+            else:
+                grouped.setdefault(self.keys(queue).queue, []).append(body)
 
         def stage(pipe: Commands) -> None:
             for key, bodies in grouped.items():
                 for start in range(0, len(bodies), 1000):
                     pipe.lpush(key, *bodies[start : start + 1000])
+            for keys, pairs in delayed.items():
+                for start in range(0, len(pairs), 2000):
+                    _zadd(pipe, keys.delayed, pairs[start : start + 2000])
+                earliest = min(pairs[0::2])
+                pipe.publish(keys.wake, repr(earliest).encode())
 
         await self.batcher.run(stage)
 
@@ -717,6 +918,11 @@ class RedisBroker:
         with self.errors():
             return int(await self.client.llen(self.keys(queue).queue))
 
+    async def delayed_length(self, queue: str) -> int:
+        """Messages of ``queue`` waiting for their eta (not counted by :meth:`queue_length`)."""
+        with self.errors():
+            return int(await self.client.zcard(self.keys(queue).delayed))
+
     async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         with self.errors():
             raw = await self.client.lrange(self.keys(queue).dead, -limit, -1)
@@ -728,6 +934,15 @@ class RedisBroker:
 
     def __repr__(self) -> str:
         return f"RedisBroker({self.url!r}, key_prefix={self.key_prefix!r})"
+
+
+def _zadd(pipe: Commands, key: str, scores_and_members: Sequence[float | bytes]) -> None:
+    """ZADD, staged directly: ``Commands`` has no method for it (``stack`` is its command list).
+
+    Two byte-identical messages are one member: the same task id, attempt and eta sent twice
+    waits once, as a task id is meant to be unique.
+    """
+    pipe.stack.append(("ZADD", key, *scores_and_members))
 
 
 def _dead_letter(raw: bytes) -> DeadLetter:
