@@ -257,3 +257,37 @@ async def test_a_worker_runs_a_delayed_task_no_earlier_than_its_eta(make_app: Ap
         assert worker.parked == 0  # held by the broker, not by the worker
         await wait_until(lambda: _true("later" in ran_at), timeout=10)
         assert eta <= ran_at["later"] < eta + 1.0
+
+
+@BOTH
+async def test_lateness_of_a_thousand_delayed_tasks_run_by_a_worker(
+    make_app: AppFactory, transport: str
+) -> None:
+    """The precision a user sees: eta to the task starting, through a whole worker."""
+    app = make_app()
+    lateness: list[float] = []
+    done = asyncio.Event()
+
+    @app.task
+    async def stamp(eta: float) -> None:
+        lateness.append(time.time() - eta)
+        if len(lateness) == 1000:
+            done.set()
+
+    async with app, running_worker(app, concurrency=100):
+        broker = await _broker(app)
+        start = time.time() + 1.5
+        etas = [start + i / 1000 for i in range(1000)]
+        await broker.publish_many(
+            [("default", _body(app, stamp.name, eta, eta=eta), eta) for eta in etas]
+        )
+        async with asyncio.timeout(30):
+            await done.wait()
+    late = sorted(lateness)
+    p50, p99 = statistics.median(late), late[int(len(late) * 0.99) - 1]
+    print(
+        f"\n{transport} worker lateness over 1000 tasks due in 1 s: "
+        f"p50={p50:.4f}s p99={p99:.4f}s max={late[-1]:.4f}s"
+    )
+    assert late[0] >= 0, "a task started before its eta"
+    assert p99 < 1.5
