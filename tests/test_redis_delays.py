@@ -15,6 +15,7 @@ import pytest
 from conftest import AppFactory, running_worker, wait_until
 
 from aioqueue import App
+from aioqueue.brokers import _redis_delays
 from aioqueue.brokers import redis as redis_broker
 from aioqueue.brokers.base import Consumer, Delivery
 from aioqueue.message import Message
@@ -154,7 +155,7 @@ async def test_an_earlier_message_wakes_a_sleeping_mover(
 ) -> None:
     """The mover sleeps until the next eta; a wake notice brings an earlier one forward, so
     it is on time even when the sleep cap is long."""
-    monkeypatch.setattr(redis_broker, "MAX_DELAY_SLEEP", 30.0)
+    monkeypatch.setattr(_redis_delays, "MAX_DELAY_SLEEP", 30.0)
     app = make_app()
     async with app:
         broker = await _broker(app)
