@@ -2,17 +2,21 @@
 
 It is a product feature (``memory://``), not a stand-in used by our own Redis tests: it keeps the
 same contract (FIFO queues, at-most ``max_count`` per fetch, unsettled deliveries returned on
-close, dead letters with reasons) so a user's test suite sees what production will do.
+close, dead letters with reasons, delayed messages held back until their eta and then handed out
+ahead of the queue, earliest first) so a user's test suite sees what production will do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 
-from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, Outgoing, take_when_ready
+from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, Outgoing, wait_for_event
 
 __all__ = ["MemoryBroker"]
 
@@ -73,13 +77,22 @@ class _MemoryConsumer:
         out = self._take(max_count)
         if out or timeout <= 0:
             return out
-        # the broker replaces its arrival event after each notify: look it up each time
-        return await take_when_ready(
-            lambda: self._take(max_count), lambda: self.broker.arrival, wake, timeout
-        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not out and not (wake is not None and wake.is_set()):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            # wake at the next due time too; the broker replaces its arrival event after each
+            # notify, so look it up each time
+            due_in = max(0.0, self.broker.next_due(self.queues) - time.time())
+            await wait_for_event(self.broker.arrival, wake, min(remaining, due_in))
+            out = self._take(max_count)
+        return out
 
     def _take(self, max_count: int) -> list[Delivery]:
         out: list[Delivery] = []
+        self.broker.move_due(self.queues)
         for queue in self.queues:
             items = self.broker.queues[queue]
             while items and len(out) < max_count:
@@ -104,6 +117,9 @@ class MemoryBroker:
         self.url = url
         self.queues: defaultdict[str, deque[tuple[bytes, int]]] = defaultdict(deque)
         self.dead: defaultdict[str, list[DeadLetter]] = defaultdict(list)
+        # per queue, a heap of (eta, publish order, body): order breaks ties as sent
+        self.delayed: defaultdict[str, list[tuple[float, int, bytes]]] = defaultdict(list)
+        self._order = itertools.count()
         self._arrival: asyncio.Event | None = None
 
     @property
@@ -125,13 +141,37 @@ class MemoryBroker:
     async def connect(self) -> None:
         return None
 
+    def move_due(self, queues: Sequence[str]) -> None:
+        """Due delayed messages go to the front of their queue, earliest eta taken first
+        (as on Redis: they already waited their delay, a backlog must not add to it)."""
+        now = time.time()
+        for queue in queues:
+            heap = self.delayed.get(queue)
+            due: list[tuple[bytes, int]] = []
+            while heap and heap[0][0] <= now:
+                due.append((heapq.heappop(heap)[2], 1))
+            if due:
+                self.queues[queue].extendleft(reversed(due))
+
+    def next_due(self, queues: Sequence[str]) -> float:
+        """The earliest eta still waiting in ``queues`` (inf when none)."""
+        heads = [heap[0][0] for queue in queues if (heap := self.delayed.get(queue))]
+        return min(heads, default=math.inf)
+
+    def _add(self, queue: str, body: bytes, eta: float | None, now: float) -> None:
+        if eta is not None and eta > now:
+            heapq.heappush(self.delayed[queue], (eta, next(self._order), body))
+        else:
+            self.queues[queue].append((body, 1))
+
     async def publish(self, queue: str, body: bytes, *, eta: float | None = None) -> None:
-        self.queues[queue].append((body, 1))
+        self._add(queue, body, eta, time.time())
         self._notify()
 
     async def publish_many(self, items: Sequence[Outgoing]) -> None:
-        for queue, body, _ in items:
-            self.queues[queue].append((body, 1))
+        now = time.time()
+        for queue, body, eta in items:
+            self._add(queue, body, eta, now)
         self._notify()
 
     def consumer(
@@ -141,6 +181,10 @@ class MemoryBroker:
 
     async def queue_length(self, queue: str) -> int:
         return len(self.queues[queue])
+
+    async def delayed_length(self, queue: str) -> int:
+        """Messages of ``queue`` waiting for their eta (not counted by :meth:`queue_length`)."""
+        return len(self.delayed[queue])
 
     async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         return self.dead[queue][:limit]

@@ -9,6 +9,14 @@ Redis Cluster slot)::
     p:{q}:alive:<worker>         string heartbeat, expires after worker_heartbeat_ttl
     p:{q}:dead                   list   dead letters: JSON {queue, reason, at, body | body_b64
                                         | body_hex, size (only when the body was cut short)}
+    p:{q}:delayed                zset   messages with a future eta, scored by it (unix time)
+    p:{q}:delayed:wake           channel  a notice (the eta) for each delayed publish
+
+Delays: a message published with a future eta waits in the sorted set, held by no worker, so it
+survives every worker stopping and cannot be run twice for waiting long. Each live consumer runs
+a mover (``_redis_delays.py``) that moves due messages to the front of the list in one Lua
+script and then sleeps until the next due time (capped at a second), woken early by a notice
+when an earlier message is published.
 
 Delivery contract: a message is moved atomically from the queue into the worker's processing
 list (a Lua script takes up to the number of free slots at once; BLMOVE waits when the queue is
@@ -54,6 +62,7 @@ from .._redis import (
 )
 from ..config import mask_url
 from ..errors import AioQueueError
+from ._redis_delays import DelayMover
 from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, Outgoing, attempt_of
 
 __all__ = ["RedisBroker"]
@@ -173,13 +182,15 @@ _BURY_SCRIPT = Script(_BURY)
 class _Keys:
     """Key names of one queue."""
 
-    __slots__ = ("base", "dead", "queue", "workers")
+    __slots__ = ("base", "dead", "delayed", "queue", "wake", "workers")
 
     def __init__(self, prefix: str, queue: str) -> None:
         self.queue = f"{prefix}:{{{queue}}}"
         self.base = self.queue + ":"
         self.workers = self.base + "workers"
         self.dead = self.base + "dead"
+        self.delayed = self.base + "delayed"
+        self.wake = self.delayed + ":wake"
 
     def processing(self, worker_id: str) -> str:
         return f"{self.base}processing:{worker_id}"
@@ -389,6 +400,7 @@ class _RedisConsumer:
         self._buffer: list[Delivery] = []
         self._waiters: dict[str, asyncio.Task[bytes]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._mover = DelayMover(broker, list(self._keys.values()))
         self._lease: _LeaseKeeper | None = None
         self._blocking: RedisClient | None = None
         self._blockers: dict[str, CommandBatcher] = {}
@@ -417,6 +429,7 @@ class _RedisConsumer:
         await self._beat()
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
         self._lease.start(first_beat)
+        self._mover.start()
 
     def lease_in_doubt(self, taken_at: float) -> bool:
         """True if a message this worker took at ``taken_at`` may have been swept meanwhile."""
@@ -575,6 +588,7 @@ class _RedisConsumer:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        await self._mover.stop()
         await self._end_waits()
         # Buffered deliveries never started: they go back as they were. Whatever else is left
         # in the processing lists was running when the worker gave up on it: attempt raised.
@@ -676,7 +690,19 @@ class RedisBroker:
             log.warning("%s: %s", self.url, warning)
 
     async def publish(self, queue: str, body: bytes, *, eta: float | None = None) -> None:
-        key = self.keys(queue).queue
+        """LPUSH, or with a future ``eta`` ZADD to the delayed set plus a wake notice (the same
+        single round trip either way)."""
+        keys = self.keys(queue)
+        if eta is not None and eta > time.time():
+            delayed, wake = keys.delayed, keys.wake
+
+            def delay(pipe: Commands) -> None:
+                _zadd(pipe, delayed, [eta, body])
+                pipe.publish(wake, repr(eta).encode())
+
+            await self.batcher.run(delay)
+            return
+        key = keys.queue
 
         def stage(pipe: Commands) -> None:
             pipe.lpush(key, body)
@@ -685,13 +711,23 @@ class RedisBroker:
 
     async def publish_many(self, items: Sequence[Outgoing]) -> None:
         grouped: dict[str, list[bytes]] = {}
-        for queue, body, _ in items:
-            grouped.setdefault(self.keys(queue).queue, []).append(body)
+        delayed: dict[_Keys, list[float | bytes]] = {}
+        now = time.time()
+        for queue, body, eta in items:
+            if eta is not None and eta > now:
+                delayed.setdefault(self.keys(queue), []).extend((eta, body))
+            else:
+                grouped.setdefault(self.keys(queue).queue, []).append(body)
 
         def stage(pipe: Commands) -> None:
             for key, bodies in grouped.items():
                 for start in range(0, len(bodies), 1000):
                     pipe.lpush(key, *bodies[start : start + 1000])
+            for keys, pairs in delayed.items():
+                for start in range(0, len(pairs), 2000):
+                    _zadd(pipe, keys.delayed, pairs[start : start + 2000])
+                earliest = min(pairs[0::2])
+                pipe.publish(keys.wake, repr(earliest).encode())
 
         await self.batcher.run(stage)
 
@@ -717,6 +753,11 @@ class RedisBroker:
         with self.errors():
             return int(await self.client.llen(self.keys(queue).queue))
 
+    async def delayed_length(self, queue: str) -> int:
+        """Messages of ``queue`` waiting for their eta (not counted by :meth:`queue_length`)."""
+        with self.errors():
+            return int(await self.client.zcard(self.keys(queue).delayed))
+
     async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         with self.errors():
             raw = await self.client.lrange(self.keys(queue).dead, -limit, -1)
@@ -728,6 +769,15 @@ class RedisBroker:
 
     def __repr__(self) -> str:
         return f"RedisBroker({self.url!r}, key_prefix={self.key_prefix!r})"
+
+
+def _zadd(pipe: Commands, key: str, scores_and_members: Sequence[float | bytes]) -> None:
+    """ZADD, staged directly: ``Commands`` has no method for it (``stack`` is its command list).
+
+    Two byte-identical messages are one member: the same task id, attempt and eta sent twice
+    waits once, as a task id is meant to be unique.
+    """
+    pipe.stack.append(("ZADD", key, *scores_and_members))
 
 
 def _dead_letter(raw: bytes) -> DeadLetter:
