@@ -132,6 +132,11 @@ class Commands:
         else:
             self.stack.append(("SET", key, value, "PX", px))
 
+    def zadd(self, key: str, *scores_and_members: float | bytes) -> None:
+        """ZADD score member [score member ...]. Two byte-identical messages are one member: the
+        same task id, attempt and eta sent twice waits once, as a task id is meant to be unique."""
+        self.stack.append(("ZADD", key, *scores_and_members))
+
     def multi(self) -> None:
         self.stack.append(("MULTI",))
 

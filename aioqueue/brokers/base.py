@@ -169,8 +169,10 @@ class Broker(Protocol):
     async def publish(self, queue: str, body: bytes, *, eta: float | None = None) -> None:
         """Publish one message. ``eta`` (unix time): no worker may receive it before then.
 
-        A broker that cannot hold messages back delivers at once; the worker then parks a
-        message that is not due yet (see ``worker/core.py``), so an eta is always honoured.
+        Redis and memory hold a delayed message in a sorted set (a heap) until it is due,
+        RabbitMQ in TTL bucket queues. A message that still reaches a worker early (a clock
+        ahead of the sender's, a sender that wrote the eta itself) is parked by the worker, not
+        run, so an eta is always honoured.
         """
 
     async def publish_many(self, items: Sequence[Outgoing]) -> None:

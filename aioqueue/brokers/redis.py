@@ -697,7 +697,7 @@ class RedisBroker:
             delayed, wake = keys.delayed, keys.wake
 
             def delay(pipe: Commands) -> None:
-                _zadd(pipe, delayed, [eta, body])
+                pipe.zadd(delayed, eta, body)
                 pipe.publish(wake, repr(eta).encode())
 
             await self.batcher.run(delay)
@@ -725,7 +725,7 @@ class RedisBroker:
                     pipe.lpush(key, *bodies[start : start + 1000])
             for keys, pairs in delayed.items():
                 for start in range(0, len(pairs), 2000):
-                    _zadd(pipe, keys.delayed, pairs[start : start + 2000])
+                    pipe.zadd(keys.delayed, *pairs[start : start + 2000])
                 earliest = min(pairs[0::2])
                 pipe.publish(keys.wake, repr(earliest).encode())
 
@@ -769,15 +769,6 @@ class RedisBroker:
 
     def __repr__(self) -> str:
         return f"RedisBroker({self.url!r}, key_prefix={self.key_prefix!r})"
-
-
-def _zadd(pipe: Commands, key: str, scores_and_members: Sequence[float | bytes]) -> None:
-    """ZADD, staged directly: ``Commands`` has no method for it (``stack`` is its command list).
-
-    Two byte-identical messages are one member: the same task id, attempt and eta sent twice
-    waits once, as a task id is meant to be unique.
-    """
-    pipe.stack.append(("ZADD", key, *scores_and_members))
 
 
 def _dead_letter(raw: bytes) -> DeadLetter:
