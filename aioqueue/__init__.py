@@ -28,10 +28,12 @@ from .errors import (
     ResultBackendError,
     ResultTimeout,
     SerializationError,
+    SoftTimeLimitExceeded,
     TaskExpired,
     TaskFailed,
     TaskNotRegistered,
     TaskRevoked,
+    TimeLimitExceeded,
     WorkerLostError,
 )
 from .message import Message, Outcome, States
@@ -62,6 +64,7 @@ __all__ = [
     "ResultTimeout",
     "SerializationError",
     "Signature",
+    "SoftTimeLimitExceeded",
     "States",
     "Task",
     "TaskExpired",
@@ -69,6 +72,7 @@ __all__ = [
     "TaskNotRegistered",
     "TaskOptions",
     "TaskRevoked",
+    "TimeLimitExceeded",
     "Worker",
     "WorkerLostError",
     "__version__",

@@ -177,6 +177,8 @@ class App:
         result_ttl: float | None = None,
         track_started: bool | None = None,
         max_attempts: int | None = None,
+        timeout: float | None = None,
+        soft_timeout: float | None = None,
     ) -> _AsyncTaskDecorator: ...
 
     @overload
@@ -191,6 +193,8 @@ class App:
         result_ttl: float | None = None,
         track_started: bool | None = None,
         max_attempts: int | None = None,
+        timeout: float | None = None,
+        soft_timeout: float | None = None,
     ) -> _TaskDecorator: ...
 
     def task(
@@ -204,11 +208,15 @@ class App:
         result_ttl: float | None = None,
         track_started: bool | None = None,
         max_attempts: int | None = None,
+        timeout: float | None = None,
+        soft_timeout: float | None = None,
     ) -> Task[Any, Any] | _TaskDecorator | _AsyncTaskDecorator:
         """Register a function as a task: ``@app.task`` or ``@app.task(queue="high")``.
 
         Coroutine functions run on the worker's event loop, plain functions on its thread pool
         unless ``executor="process"``; ``executor="async"`` for a plain function is refused.
+        ``timeout`` and ``soft_timeout`` are time limits in seconds (see the README's "Time
+        limits"); a soft limit is for async tasks only.
         """
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:
@@ -226,6 +234,8 @@ class App:
                 result_ttl=result_ttl,
                 track_started=track_started,
                 max_attempts=max_attempts,
+                timeout=timeout,
+                soft_timeout=soft_timeout,
             )
             self._tasks[task_name] = task
             return task
@@ -340,6 +350,8 @@ class App:
             eta=eta,
             expires=expires,
             sent_at=now,
+            timeout=options.timeout,
+            soft_timeout=options.soft_timeout,
         )
 
     async def send_message(
@@ -407,7 +419,7 @@ class App:
         **options: Any,
     ) -> AsyncResult[Any]:
         """Send a task by name, from code that cannot import it (it need not be registered here)."""
-        send_options = make_send_options(_NO_OPTIONS, options)
+        send_options = make_send_options(_NO_OPTIONS, options, self._tasks.get(name))
         return await self._send(name, None, tuple(args), kwargs or {}, send_options)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:

@@ -16,6 +16,8 @@ Library errors from redis-py or aio-pika are translated at the broker/backend se
     ├── ResultTimeout              (also a TimeoutError)
     ├── TaskRevoked                (TaskExpired is the same class, its former name)
     ├── DeliveryLimitExceeded
+    ├── TimeLimitExceeded
+    ├── SoftTimeLimitExceeded
     ├── TaskFailed
     │   └── RemoteError
     └── WorkerLostError
@@ -92,6 +94,23 @@ class DeliveryLimitExceeded(AioQueueError):
 
     A task that kills its worker (or that no worker manages to settle) would otherwise come
     back for ever.
+    """
+
+
+class TimeLimitExceeded(AioQueueError):
+    """Recorded (FAILURE) for a task still running at its hard ``timeout``.
+
+    An async task was cancelled, a process task's child killed (and replaced), a thread task
+    abandoned: Python cannot stop a thread, so its function runs on unseen and its result is
+    discarded. The message is acked, not dead-lettered: it ran, and its input was not at fault.
+    """
+
+
+class SoftTimeLimitExceeded(AioQueueError):
+    """Raised inside an async task at its ``soft_timeout``, at the await it is blocked in.
+
+    The task may catch it to clean up (and even return a value, which is then its result);
+    if it is still running at the hard ``timeout``, it is cancelled.
     """
 
 

@@ -18,11 +18,14 @@ Envelope, version 1 (a JSON object; absent keys mean their default)::
     reply_to    str | null        channel on which the sending process waits for the outcome
     result_ttl  float | null      seconds to keep the outcome (null: the app default)
     sent_at     float             unix time of sending
+    timeout     float | null      hard time limit in seconds (null: the task's own)
+    soft_timeout float | null     soft time limit in seconds, async tasks only (null: the task's)
 
 Decoding checks every field above and raises :class:`ProtocolError` naming the first bad one:
 strings must be strings (``id``, ``task`` and ``queue`` non-empty), ``headers`` and ``kwargs``
 objects, ``args`` a list; unix times are numbers from 0 to :data:`MAX_UNIX_TIME`, and
-``result_ttl`` a number above 0 and at most :data:`MAX_RESULT_TTL` (ten years). Booleans are not
+``result_ttl``, ``timeout`` and ``soft_timeout`` numbers above 0 and at most
+:data:`MAX_RESULT_TTL` (ten years). Booleans are not
 numbers here. Unknown keys are ignored, so a newer sender may add fields. A bad message then
 fails at decode, where the worker records a FAILURE and dead-letters it, instead of crashing
 the handler later and being redelivered to crash again.
@@ -102,6 +105,14 @@ _ABSENT: Final = object()
 _TTL_EXPECTED: Final = f"a number of seconds above 0, at most {MAX_RESULT_TTL:.0f}"
 
 
+def _seconds(data: dict[str, Any], name: str) -> float | None:
+    """An optional duration (a time limit): a number above 0, at most ten years."""
+    value = data.get(name)
+    if value is None or is_valid_ttl(value):
+        return value
+    raise _field_error(name, value, _TTL_EXPECTED)
+
+
 class States:
     """Task states as strings, the same spelling Celery uses.
 
@@ -136,6 +147,8 @@ class Message:
     reply_to: str | None = None
     result_ttl: float | None = None
     sent_at: float = 0.0
+    timeout: float | None = None
+    soft_timeout: float | None = None
 
     @property
     def retries(self) -> int:
@@ -180,6 +193,8 @@ _OPTIONAL_FIELDS: Final = (
     "root_id",
     "reply_to",
     "result_ttl",
+    "timeout",
+    "soft_timeout",
 )
 
 
@@ -258,6 +273,8 @@ class MessageCodec:
             reply_to=_optional_str(data, "reply_to"),
             result_ttl=result_ttl,
             sent_at=_unix_time(data, "sent_at") or 0.0,
+            timeout=_seconds(data, "timeout"),
+            soft_timeout=_seconds(data, "soft_timeout"),
         )
 
     def _arguments(self, data: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

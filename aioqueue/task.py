@@ -30,6 +30,7 @@ __all__ = [
     "Task",
     "TaskOptions",
     "check_result_ttl",
+    "check_time_limits",
     "send_times",
 ]
 
@@ -56,6 +57,10 @@ class SendOptions:
     """Earliest run, a timezone-aware datetime (not with countdown)."""
     expires: float | datetime | None = None
     """Seconds after the send, or an aware datetime, after which the task is revoked unrun."""
+    timeout: float | None = None
+    """Hard time limit in seconds for this run (overrides the task's)."""
+    soft_timeout: float | None = None
+    """Soft time limit in seconds for this run, async tasks only (overrides the task's)."""
 
 
 _SEND_OPTION_NAMES = frozenset(SendOptions.__dataclass_fields__)
@@ -78,6 +83,42 @@ def check_result_ttl(value: Any, what: str = "result_ttl") -> float:
         f"{what} must be a number of seconds above 0 and at most {MAX_RESULT_TTL:.0f} "
         f"(ten years), not {value!r}"
     )
+
+
+def _check_limit(what: str, value: Any) -> float:
+    """A time limit as a float: a finite number of seconds above 0, at most MAX_DELAY."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+        if 0 < seconds <= MAX_DELAY:  # False for NaN and the infinities
+            return seconds
+    raise ConfigurationError(
+        f"{what} must be a finite number of seconds above 0 and at most {MAX_DELAY:.0f} "
+        f"(ten years), not {value!r}"
+    )
+
+
+def check_time_limits(
+    where: str, timeout: Any, soft_timeout: Any, executor: Executor | None
+) -> tuple[float | None, float | None]:
+    """(timeout, soft_timeout) as floats, or ConfigurationError naming the bad value.
+
+    The soft limit must fall before the hard one, and only an async task can be warned: a
+    thread cannot be interrupted and a child process is only ever killed, so a soft limit on
+    them would be accepted and ignored; it is refused instead. ``executor`` None: not known.
+    """
+    hard = None if timeout is None else _check_limit(f"timeout of {where}", timeout)
+    soft = None if soft_timeout is None else _check_limit(f"soft_timeout of {where}", soft_timeout)
+    if soft is not None and executor not in (None, "async"):
+        raise ConfigurationError(
+            f"soft_timeout of {where} ({soft!r}) applies to async tasks only: a {executor} "
+            "task cannot be interrupted to clean up; use timeout (the hard limit) instead"
+        )
+    if soft is not None and hard is not None and soft >= hard:
+        raise ConfigurationError(
+            f"soft_timeout of {where} ({soft!r}) must be below its timeout ({hard!r}): the "
+            "soft limit warns the task before the hard one stops it"
+        )
+    return hard, soft
 
 
 def _check_send_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -153,8 +194,13 @@ def send_times(options: SendOptions, now: float) -> tuple[float | None, float | 
     return eta, now + expires
 
 
-def make_send_options(base: SendOptions, options: dict[str, Any]) -> SendOptions:
-    """``base`` with ``options`` applied, each checked here: before any I/O, at ``options()``."""
+def make_send_options(
+    base: SendOptions, options: dict[str, Any], task: Task[Any, Any] | None = None
+) -> SendOptions:
+    """``base`` with ``options`` applied, each checked here: before any I/O, at ``options()``.
+
+    ``task``, when known, checks the time limits against it (its executor, its hard limit).
+    """
     unknown = set(options) - _SEND_OPTION_NAMES
     if unknown:
         raise ConfigurationError(
@@ -169,7 +215,19 @@ def make_send_options(base: SendOptions, options: dict[str, Any]) -> SendOptions
             f"send options countdown ({merged.countdown!r}) and eta ({merged.eta!r}) both say "
             "when to run: give one (set the other to None to clear it)"
         )
+    if "timeout" in options or "soft_timeout" in options:
+        merged = _with_limits(merged, task)
     return merged
+
+
+def _with_limits(merged: SendOptions, task: Task[Any, Any] | None) -> SendOptions:
+    """The send options' limits checked together and, when known, against the task."""
+    executor = task.executor if task is not None else None
+    where = f"send options for {task.name!r}" if task is not None else "send options"
+    hard, soft = check_time_limits(where, merged.timeout, merged.soft_timeout, executor)
+    if soft is not None and hard is None and task is not None and task.timeout is not None:
+        check_time_limits(where, task.timeout, soft, executor)  # before the task's own limit
+    return replace(merged, timeout=hard, soft_timeout=soft)
 
 
 def is_async_callable(fn: Any) -> bool:
@@ -229,8 +287,14 @@ class Task(Generic[P, R]):
         result_ttl: float | None,
         track_started: bool | None,
         max_attempts: int | None = None,
+        timeout: float | None = None,
+        soft_timeout: float | None = None,
     ) -> None:
         self.executor: Executor = _choose_executor(name, fn, executor)
+        self.timeout, self.soft_timeout = check_time_limits(
+            repr(name), timeout, soft_timeout, self.executor
+        )
+        """Hard and soft time limits in seconds (None: none); a send may override them."""
         if max_attempts is not None and (
             isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
         ):
@@ -266,8 +330,9 @@ class Task(Generic[P, R]):
 
     def options(self, **options: Any) -> TaskOptions[P, R]:
         """Send options: task_id, queue, headers, result_ttl, parent_id, root_id, countdown,
-        eta, expires. Each is checked here, so a bad value fails before any I/O."""
-        return TaskOptions(self, make_send_options(SendOptions(), options))
+        eta, expires, timeout, soft_timeout. Each is checked here, so a bad value fails before
+        any I/O."""
+        return TaskOptions(self, make_send_options(SendOptions(), options, self))
 
     def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[P, R]:
         """A signature: this task with arguments bound, to send later or in a batch."""
@@ -291,7 +356,7 @@ class TaskOptions(Generic[P, R]):
         self._options = options
 
     def options(self, **options: Any) -> TaskOptions[P, R]:
-        return TaskOptions(self.task, make_send_options(self._options, options))
+        return TaskOptions(self.task, make_send_options(self._options, options, self.task))
 
     async def send(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         return await self.task.app.send_message(self.task, args, kwargs, self._options)
@@ -326,7 +391,7 @@ class Signature(Generic[P, R]):
 
     def set(self, **options: Any) -> Signature[P, R]:
         """A copy with more send options."""
-        options_ = make_send_options(self.options, options)
+        options_ = make_send_options(self.options, options, self.task)
         return Signature(self.task, self.args, self.kwargs, options_)
 
     async def send(self) -> AsyncResult[R]:
