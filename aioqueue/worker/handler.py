@@ -80,6 +80,8 @@ class Handler:
         self._max_size = app.codec.max_size
         self._max_attempts = app.conf.max_attempts
         self._result_ttl = app.conf.result_ttl
+        self._early_ack = not app.conf.acks_late
+        self._track_started = app.conf.track_started
 
     async def decide(self, delivery: Delivery, *, due: bool = False) -> Disposition | Park:
         """What to do with ``delivery``; ``due=True`` when it comes back from being parked."""
@@ -163,10 +165,10 @@ class Handler:
             delay = message.eta - time.time()
             if delay > 0:  # due within ETA_HOLD: wait it out rather than run early
                 await asyncio.sleep(delay)
-        early_ack = not app.conf.acks_late
+        early_ack = self._early_ack
         if early_ack:
             await delivery.ack()  # at-most-once, as configured: a crash from here loses it
-        track = task.track_started if task.track_started is not None else app.conf.track_started
+        track = task.track_started if task.track_started is not None else self._track_started
         on_start = None
         if track:
             await self._store_state(message, States.RECEIVED, ttl)
