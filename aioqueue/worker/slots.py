@@ -38,7 +38,9 @@ class Slots:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # it was handed to us just as we were cancelled
-            else:
+            elif waiter in self._waiters:
+                # Still queued. (A release() between our cancellation and this line already
+                # dropped it, passing its slot on: then there is nothing to undo.)
                 self._waiters.remove(waiter)
             raise
 
