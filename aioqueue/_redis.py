@@ -117,9 +117,6 @@ class Commands:
     def lpush(self, key: str, *values: bytes) -> None:
         self.stack.append(("LPUSH", key, *values))
 
-    def rpush(self, key: str, *values: bytes) -> None:
-        self.stack.append(("RPUSH", key, *values))
-
     def lrange(self, key: str, start: int, stop: int) -> None:
         self.stack.append(("LRANGE", key, start, stop))
 

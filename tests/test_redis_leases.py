@@ -7,27 +7,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import running_worker, wait_until
-from test_redis_outage import PrivateRedis, _free_port, _up
+from conftest import PrivateRedis, free_port, port_open, running_worker, wait_until
 
 from aioqueue import AioQueueError, App
 from aioqueue.backends.redis import RedisBackend
 from aioqueue.brokers.redis import RedisBroker
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
@@ -273,7 +264,7 @@ async def test_an_async_task_blocking_the_loop_keeps_its_lease_and_is_named(
 
 async def test_a_worker_started_before_its_broker_waits_for_it(tmp_path: Path) -> None:
     """Item 18: under compose/Kubernetes start order, the worker retries instead of exiting."""
-    port = _free_port()
+    port = free_port()
     server = PrivateRedis(port, tmp_path)
     app = App("early", broker=f"redis://127.0.0.1:{port}/0", broker_connect_timeout=0.5)
 
@@ -287,7 +278,7 @@ async def test_a_worker_started_before_its_broker_waits_for_it(tmp_path: Path) -
         await asyncio.sleep(1.0)
         assert not running.done() and not worker.ready.is_set()
         server.start()
-        await wait_until(lambda: _up(port))
+        await wait_until(lambda: port_open(port))
         await asyncio.wait_for(worker.ready.wait(), 15)
         assert await (await ping.send()).get(timeout=5) == "pong"
     finally:

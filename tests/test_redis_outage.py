@@ -6,82 +6,17 @@ starts, kills and starts again by its own pid.
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-from conftest import IN_CI, wait_until
+from conftest import PrivateRedis, port_open, wait_until
 
 from aioqueue import App, BrokerConnectionError
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PrivateRedis:
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port = port
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail("redis-server is needed for the outage test")
-        pytest.skip("redis-server not installed")
-    server = PrivateRedis(_free_port(), tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-async def _up(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), 0.2):
-            return True
-    except OSError:
-        return False
-
-
 async def test_worker_survives_a_redis_restart(private_redis: PrivateRedis) -> None:
     url = f"redis://127.0.0.1:{private_redis.port}/0"
-    await wait_until(lambda: _up(private_redis.port))
+    await wait_until(lambda: port_open(private_redis.port))
     app = App(
         "outage",
         broker=url,
@@ -102,7 +37,7 @@ async def test_worker_survives_a_redis_restart(private_redis: PrivateRedis) -> N
             await double.send(2)
 
         private_redis.start()
-        await wait_until(lambda: _up(private_redis.port))
+        await wait_until(lambda: port_open(private_redis.port))
 
         async def sent_and_done() -> bool:
             try:

@@ -7,11 +7,9 @@ outage test runs a private redis-server it starts and kills by pid.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import hiredis
@@ -19,14 +17,14 @@ import pytest
 import redis.asyncio as aioredis
 from conftest import (
     AMQP_URL,
-    IN_CI,
     AppFactory,
+    PrivateRedis,
+    port_open,
     require_server,
     running_worker,
     wait_until,
 )
 from redis import exceptions as redis_errors
-from test_redis_outage import PrivateRedis, _free_port, _up
 
 from aioqueue import App, AsyncResult, ResultBackendError, ResultTimeout
 from aioqueue._redis import Commands
@@ -51,13 +49,6 @@ def new_gate() -> str:
     key = uuid.uuid4().hex
     GATES[key] = asyncio.Event()
     return key
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 def success(app: App, task_id: str, value: Any) -> bytes:
@@ -343,23 +334,9 @@ async def test_pushed_wait_costs_no_read_and_no_subscription(
 # -- a backend that goes away during a wait ----------------------------------------------------
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail("redis-server is needed for the outage test")
-        pytest.skip("redis-server not installed")
-    server = PrivateRedis(_free_port(), tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
 async def test_waiters_keep_waiting_through_a_backend_outage(private_redis: PrivateRedis) -> None:
     url = f"redis://127.0.0.1:{private_redis.port}/0"
-    await wait_until(lambda: _up(private_redis.port))
+    await wait_until(lambda: port_open(private_redis.port))
     client = App("client", broker=url, broker_connect_timeout=0.5)
     writer = App("writer", broker=url)
     async with client:
@@ -381,7 +358,7 @@ async def test_waiters_keep_waiting_through_a_backend_outage(private_redis: Priv
         assert not before.done() and not during.done()
 
         private_redis.start()
-        await wait_until(lambda: _up(private_redis.port))
+        await wait_until(lambda: port_open(private_redis.port))
         async with writer:
             for task_id in ("before", "during"):
                 await store(writer, task_id, task_id)
