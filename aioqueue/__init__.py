@@ -14,19 +14,28 @@ import logging
 
 from .app import App
 from .brokers.base import DeadLetter
+from .canvas import Chain, Chord, ErrorInfo, FlowResult, Group, GroupResult, chain, chord, group
 from .config import Config
+from .context import Context, current_context
+from .control import Control, RevokeReport
 from .errors import (
     AioQueueError,
+    BadSignature,
     BrokerConnectionError,
     BrokerError,
+    ChordError,
     ConfigurationError,
     DeliveryLimitExceeded,
     InvalidArguments,
+    LimitExceeded,
+    MaxRetriesExceeded,
     MessageTooLarge,
     ProtocolError,
     RemoteError,
     ResultBackendError,
+    ResultIgnored,
     ResultTimeout,
+    Retry,
     SerializationError,
     SoftTimeLimitExceeded,
     TaskExpired,
@@ -36,9 +45,18 @@ from .errors import (
     TimeLimitExceeded,
     WorkerLostError,
 )
+from .events import Event, EventFeed
+from .hooks import Middleware
+from .input_limits import Limits
+from .inspection import Inspect
+from .masking import Secret
 from .message import Message, Outcome, States
-from .result import AsyncResult, EagerResult
+from .periodic.schedules import crontab
+from .result import AsyncResult, EagerResult, StateUpdate
+from .serializers import Serializer, register_serializer
+from .sync import SyncCallInEventLoop, SyncResult
 from .task import Signature, Task, TaskOptions
+from .tracing import Tracing
 from .worker import Worker
 
 __version__ = "0.1.0"
@@ -47,25 +65,50 @@ __all__ = [
     "AioQueueError",
     "App",
     "AsyncResult",
+    "BadSignature",
     "BrokerConnectionError",
     "BrokerError",
+    "Chain",
+    "Chord",
+    "ChordError",
     "Config",
     "ConfigurationError",
+    "Context",
+    "Control",
     "DeadLetter",
     "DeliveryLimitExceeded",
     "EagerResult",
+    "ErrorInfo",
+    "Event",
+    "EventFeed",
+    "FlowResult",
+    "Group",
+    "GroupResult",
+    "Inspect",
     "InvalidArguments",
+    "LimitExceeded",
+    "Limits",
+    "MaxRetriesExceeded",
     "Message",
     "MessageTooLarge",
+    "Middleware",
     "Outcome",
     "ProtocolError",
     "RemoteError",
     "ResultBackendError",
+    "ResultIgnored",
     "ResultTimeout",
+    "Retry",
+    "RevokeReport",
+    "Secret",
     "SerializationError",
+    "Serializer",
     "Signature",
     "SoftTimeLimitExceeded",
+    "StateUpdate",
     "States",
+    "SyncCallInEventLoop",
+    "SyncResult",
     "Task",
     "TaskExpired",
     "TaskFailed",
@@ -73,9 +116,16 @@ __all__ = [
     "TaskOptions",
     "TaskRevoked",
     "TimeLimitExceeded",
+    "Tracing",
     "Worker",
     "WorkerLostError",
     "__version__",
+    "chain",
+    "chord",
+    "crontab",
+    "current_context",
+    "group",
+    "register_serializer",
 ]
 
 logging.getLogger("aioqueue").addHandler(logging.NullHandler())

@@ -31,7 +31,8 @@ from aiormq.abc import AbstractChannel
 from yarl import URL
 
 from .config import MASK, mask_url
-from .errors import AioQueueError, BrokerConnectionError, BrokerError
+from .errors import AioQueueError, BrokerConnectionError, BrokerError, ConfigurationError
+from .tls import split_amqp_tls
 
 __all__ = [
     "ChannelPool",
@@ -41,6 +42,7 @@ __all__ = [
     "guarded",
     "open_connection",
     "ready_channel",
+    "split_hosts",
 ]
 
 _CLOSED = "aioqueue: the AMQP channel closed under this operation"
@@ -62,34 +64,55 @@ def amqp_errors(
 
     aiormq cancels the futures of a channel that dies; a CancelledError that nobody asked for
     (our task is not being cancelled) is therefore a lost connection, not a cancellation.
+    The masked URL is built only for an error: this wraps every publish.
     """
-    masked = mask_url(url)
     try:
         yield
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is None or task.cancelling():
             raise
-        _raise(connection_error, f"lost the connection to {what} at {masked}", exc)
+        _raise(connection_error, f"lost the connection to {what} at {mask_url(url)}", exc)
     except aiormq.exceptions.PublishError as exc:
-        _raise(error, f"{what} at {masked} returned the message as unroutable: {exc}", exc)
+        _raise(error, f"{what} at {mask_url(url)} returned the message as unroutable: {exc}", exc)
     except aiormq.exceptions.DeliveryError as exc:
-        _raise(error, f"{what} at {masked} refused the message (nack): {exc}", exc)
+        _raise(error, f"{what} at {mask_url(url)} refused the message (nack): {exc}", exc)
     except aiormq.exceptions.AMQPChannelError as exc:
-        _raise(error, f"{what} at {masked} failed: {exc}", exc)
+        _raise(error, f"{what} at {mask_url(url)} failed: {exc}", exc)
     except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
-        _raise(connection_error, f"lost the connection to {what} at {masked}: {exc!r}", exc)
+        _raise(connection_error, f"lost the connection to {what} at {mask_url(url)}: {exc!r}", exc)
     except (OSError, TimeoutError) as exc:
-        _raise(connection_error, f"cannot reach {what} at {masked}: {exc!r}", exc)
+        _raise(connection_error, f"cannot reach {what} at {mask_url(url)}: {exc!r}", exc)
     except RuntimeError as exc:
         # aio-pika's word for a channel opened on a connection that is going away
         if "closed" not in str(exc):
             raise
-        _raise(connection_error, f"lost the connection to {what} at {masked}: {exc!r}", exc)
+        _raise(connection_error, f"lost the connection to {what} at {mask_url(url)}: {exc!r}", exc)
 
 
 def _raise(kind: type[AioQueueError], message: str, cause: BaseException) -> NoReturn:
     raise kind(message) from cause
+
+
+def split_hosts(url: str) -> list[str]:
+    """One URL per host of ``amqp://user:pw@host1:port1,host2:port2/vhost?query``.
+
+    A RabbitMQ cluster is reached through any of its nodes; the URL lists them with commas (the
+    form Celery/kombu and the Java client know), and every host shares the user, password,
+    vhost and query. A URL with one host comes back as it is.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return [url]
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    userinfo, at, hostlist = netloc.rpartition("@")
+    if "," not in hostlist:
+        return [url]
+    hosts = [host.strip() for host in hostlist.split(",")]
+    if not all(hosts):
+        raise ConfigurationError(f"an empty host in the AMQP URL {mask_url(url)}")
+    return [f"{scheme}://{userinfo}{at}{host}{tail}" for host in hosts]
 
 
 async def open_connection(
@@ -104,8 +127,39 @@ async def open_connection(
     """A robust connection: it reconnects by itself and restores its channels and consumers.
 
     ``heartbeat`` and ``reconnect_interval`` apply unless the URL's query sets them; amqps://
-    URLs take aio-pika's TLS query options (cafile, certfile, keyfile, no_verify_ssl).
+    URLs get the verifying context of :mod:`aioqueue.tls` (their TLS query options, as
+    :func:`~aioqueue.tls.with_tls` left them, are taken out of the URL into it).
+
+    A URL with several hosts (:func:`split_hosts`) connects to the first that answers, trying
+    them in order; once connected, every lost connection and every failed reconnect attempt
+    moves the robust connection on to the next host (:class:`_Failover`), so a worker or a
+    sender whose node died carries on with a surviving node of the cluster.
     """
+    plain, context = split_amqp_tls(url)
+    hosts = [_with_options(one, name, heartbeat, reconnect_interval) for one in split_hosts(plain)]
+    failures: list[str] = []
+    for index, parsed in enumerate(hosts):
+        try:
+            connection = await aio_pika.connect_robust(
+                parsed,
+                client_properties={"connection_name": name},
+                timeout=timeout,
+                ssl_context=context,
+            )
+        except Exception as exc:  # aio-pika raises a wide variety here; all mean "cannot connect"
+            reason = _connect_failure(exc, parsed, timeout)
+            if len(hosts) == 1:
+                _raise(error, f"cannot connect to {mask_url(url)}: {reason}", exc)
+            failures.append(f"{parsed.host}:{parsed.port}: {reason}")
+            last = exc
+            continue
+        if len(hosts) > 1:
+            connection.close_callbacks.add(_Failover(connection, hosts, index))
+        return connection
+    _raise(error, f"cannot connect to any host of {mask_url(url)}: {'; '.join(failures)}", last)
+
+
+def _with_options(url: str, name: str, heartbeat: float, reconnect_interval: float) -> URL:
     parsed = URL(url)
     query: dict[str, str] = {}
     if "heartbeat" not in parsed.query:
@@ -116,15 +170,32 @@ async def open_connection(
         # aiormq's own query option: aio-pika 9.4 drops client_properties given
         # beside a URL, and the name is what ``rabbitmqctl list_connections`` shows.
         query["name"] = name
-    try:
-        return await aio_pika.connect_robust(
-            parsed.update_query(query),
-            client_properties={"connection_name": name},
-            timeout=timeout,
-        )
-    except Exception as exc:  # aio-pika raises a wide variety here; all mean "cannot connect"
-        reason = _connect_failure(exc, parsed, timeout)
-        _raise(error, f"cannot connect to {mask_url(url)}: {reason}", exc)
+    return parsed.update_query(query)
+
+
+class _Failover:
+    """A close callback that points a robust connection at the next host of its cluster.
+
+    aio-pika's robust connection reconnects to its ``url``; it calls its ``close_callbacks``
+    when an established connection is lost and when a (re)connection attempt fails, before it
+    waits ``reconnect_interval`` and tries again. Moving ``url`` on there makes every retry go
+    to the next host, round robin, with public API only (``url`` is the attribute aio-pika
+    itself reassigns to rotate credentials).
+    """
+
+    __slots__ = ("_connection", "_hosts", "_index")
+
+    def __init__(self, connection: aio_pika.RobustConnection, hosts: list[URL], index: int):
+        self._connection = weakref.ref(connection)
+        self._hosts = hosts
+        self._index = index
+
+    def __call__(self, *_: object) -> None:
+        connection = self._connection()
+        if connection is None or connection.is_closed:
+            return
+        self._index = (self._index + 1) % len(self._hosts)
+        connection.url = self._hosts[self._index]
 
 
 def _connect_failure(exc: BaseException, url: URL, timeout: float) -> str:
@@ -278,20 +349,42 @@ class ChannelPool:
         self._size = max(1, size)
         self._confirms = confirms
         self._channels: list[AbstractRobustChannel] = []
+        self._live: list[AbstractChannel | None] = []  # the last underlay seen per channel
         self._opening: asyncio.Lock = asyncio.Lock()
         self._next = itertools.count()
 
     async def get(self, timeout: float) -> AbstractChannel:
-        if len(self._channels) < self._size:
+        """The next channel's live underlay, round robin.
+
+        Fast path: the underlay handed out last time for this slot, while it is open (a robust
+        channel replaces its underlay on reconnect and the old one is closed by then), so a
+        publish costs no ``ready()`` wait, no timeout scope and no extra awaits.
+        """
+        if len(self._channels) == self._size:
+            index = next(self._next) % self._size
+            live = self._live[index]
+            if live is not None and not live.is_closed:
+                return live
+            underlay = await self._get(timeout, index)
+        else:
+            underlay = await self._get(timeout, None)
+        return underlay
+
+    async def _get(self, timeout: float, index: int | None) -> AbstractChannel:
+        if index is None and len(self._channels) < self._size:
             async with self._opening:
                 if len(self._channels) < self._size:
                     channel = await self._open(timeout)
                     self._channels.append(channel)
-                    return await ready_channel(channel, timeout)
-        index = next(self._next) % len(self._channels)
+                    self._live.append(None)
+                    underlay = await ready_channel(channel, timeout)
+                    self._live[-1] = underlay
+                    return underlay
+        if index is None:
+            index = next(self._next) % len(self._channels)
         channel = self._channels[index]
         try:
-            return await ready_channel(channel, timeout)
+            underlay = await ready_channel(channel, timeout)
         except TimeoutError:
             if self._connection.is_closed or not self._connection.connected.is_set():
                 raise  # the connection is away: every channel waits for it alike
@@ -300,7 +393,32 @@ class ChannelPool:
                 if self._channels[index] is channel:
                     self._channels[index] = await self._open(timeout)
                     await close_quietly(channel, timeout)
-                return await ready_channel(self._channels[index], timeout)
+                underlay = await ready_channel(self._channels[index], timeout)
+        self._live[index] = underlay
+        return underlay
+
+    async def discard(self, underlay: AbstractChannel, timeout: float) -> None:
+        """Replace the pooled channel that ``underlay`` is, with a new one.
+
+        For a channel RabbitMQ nacked a publish on: a channel that published to a quorum
+        queue while its leader was being elected (its node died) can go on nacking every
+        publish to that queue after the election (seen on RabbitMQ 3.10), while a new
+        channel publishes fine. Found by asking each pooled channel for its live channel:
+        nacks are rare, so this costs nothing on the publish path.
+        """
+        async with self._opening:
+            for index, channel in enumerate(self._channels):
+                try:
+                    async with asyncio.timeout(timeout):
+                        current = await channel.get_underlay_channel()
+                except Exception:  # closed or not ready: not the one that just answered
+                    continue
+                if current is underlay:
+                    self._channels[index] = await self._open(timeout)
+                    break
+            else:
+                return
+        await close_quietly(channel, timeout)
 
     async def _open(self, timeout: float) -> AbstractRobustChannel:
         channel = self._connection.channel(publisher_confirms=self._confirms)

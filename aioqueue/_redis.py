@@ -26,13 +26,18 @@ from .config import mask_url
 from .errors import AioQueueError, BrokerConnectionError, BrokerError, ConfigurationError
 
 __all__ = [
+    "CLUSTER_SCHEMES",
     "CommandBatcher",
     "Commands",
     "Script",
     "Stage",
     "connect_redis",
     "eviction_warning",
+    "is_cluster_url",
+    "new_batcher",
     "redis_errors_as",
+    "reply_or_raise",
+    "subscriber_settings",
 ]
 
 # redis-py's annotations assume str replies; we speak bytes, so clients are typed loosely.
@@ -46,6 +51,13 @@ REPLY_DEADLINE = 30.0  # seconds for a whole batch's replies before the link cou
 SOCKET_TIMEOUT = 30.0
 MAX_CONNECTIONS = 100  # per client; callers past it queue for a connection (POOL_TIMEOUT)
 POOL_TIMEOUT = 30.0
+# Redis Cluster URLs, plain and TLS: told apart here so the single-node path never imports the
+# cluster module (:mod:`._redis_cluster`).
+CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
 
 
 def connect_redis(
@@ -57,12 +69,22 @@ def connect_redis(
     max_connections: int | None = None,
     pool_timeout: float | None = None,
 ) -> RedisClient:
-    """A client for ``redis://``, ``rediss://`` or ``unix://`` URLs (connects lazily).
+    """A client for ``redis://``, ``rediss://``, ``unix://`` or a cluster URL (connects lazily).
 
     Unset limits take the module's values (:data:`SOCKET_TIMEOUT` and so on) at call time. The
     pool blocks: past ``max_connections`` a caller waits up to ``pool_timeout`` for a
     connection to come back instead of failing with "Too many connections".
     """
+    if is_cluster_url(url):
+        from ._redis_cluster import connect_cluster
+
+        return connect_cluster(
+            url,
+            connect_timeout=connect_timeout,
+            client_name=client_name,
+            socket_timeout=SOCKET_TIMEOUT if socket_timeout is None else socket_timeout,
+            max_connections=max_connections or MAX_CONNECTIONS,
+        )
     # TCP only: redis-py's unix socket connection refuses the keepalive option.
     tcp = {} if url.lower().startswith("unix:") else {"socket_keepalive": True}
     try:
@@ -91,10 +113,32 @@ def redis_errors_as(
     """Translate redis-py errors into ours at the seam, naming the URL with its password masked."""
     try:
         yield
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-        _raise(connection_error, f"cannot reach {what} at {mask_url(url)}: {exc}", exc)
+    except (
+        redis_errors.ConnectionError,
+        redis_errors.TimeoutError,
+        redis_errors.RedisClusterException,  # a cluster without a master for a slot (failover)
+        OSError,
+    ) as exc:
+        where = mask_url(url)
+        _raise(connection_error, f"cannot reach {what} at {where}: {exc}{_tls_hint(url, exc)}", exc)
     except redis_errors.RedisError as exc:
         _raise(error, f"{what} at {mask_url(url)} failed: {exc}", exc)
+
+
+# How a plain connection to a TLS-only port ends: the server drops it at its first bytes.
+_DROPPED = ("reset by peer", "Connection closed by server", "Broken pipe")
+_TLS_TWIN = {"redis": "rediss", "redis+cluster": "rediss+cluster"}
+
+
+def _tls_hint(url: str, exc: BaseException) -> str:
+    """For a plain URL whose server dropped the connection: the likely reason, and the fix.
+
+    A TLS-only Redis answers a plain client with a reset, which alone reads like a crash.
+    """
+    twin = _TLS_TWIN.get(url.partition("://")[0].lower())
+    if twin is None or not any(sign in str(exc) for sign in _DROPPED):
+        return ""
+    return f" (a server that speaks only TLS drops plain connections: if so, use {twin}://)"
 
 
 def _raise(kind: type[AioQueueError], message: str, cause: BaseException) -> NoReturn:
@@ -129,6 +173,9 @@ class Commands:
         else:
             self.stack.append(("SET", key, value, "PX", px))
 
+    def pexpire(self, key: str, milliseconds: int) -> None:
+        self.stack.append(("PEXPIRE", key, milliseconds))
+
     def zadd(self, key: str, *scores_and_members: float | bytes) -> None:
         """ZADD score member [score member ...]. Two byte-identical messages are one member: the
         same task id, attempt and eta sent twice waits once, as a task id is meant to be unique."""
@@ -142,6 +189,9 @@ class Commands:
 
     def sadd(self, key: str, *members: str) -> None:
         self.stack.append(("SADD", key, *members))
+
+    def smembers(self, key: str) -> None:
+        self.stack.append(("SMEMBERS", key))
 
     def srem(self, key: str, *members: str) -> None:
         self.stack.append(("SREM", key, *members))
@@ -170,6 +220,10 @@ class Commands:
 
     def ping(self) -> None:
         self.stack.append(("PING",))
+
+    def xadd(self, key: str, field: str, value: bytes, *, maxlen: int) -> None:
+        """XADD with an approximate MAXLEN trim (the cheap one: whole macro nodes)."""
+        self.stack.append(("XADD", key, "MAXLEN", "~", maxlen, "*", field, value))
 
 
 class Script:
@@ -219,6 +273,7 @@ class CommandBatcher:
         self._busy = False
         self._settings: LinkSettings | None = None
         self._link: RedisLink | None = None
+        self._submitting: asyncio.Task[None] | None = None  # the round trip submit() started
 
     @property
     def busy(self) -> bool:
@@ -238,6 +293,21 @@ class CommandBatcher:
         finally:
             self._after_batch()
         return self._result_of(replies)
+
+    def submit(self, stage: Stage) -> asyncio.Future[Any]:
+        """Queue ``stage`` for the next round trip without waiting for it.
+
+        Whatever else is submitted or run before that round trip leaves goes in it, after this
+        stage: an event staged just before a message's publish shares the publish's round trip
+        and reaches Redis ahead of it. The future gets the reply to the stage's last command.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((stage, future))
+        if not self._busy:
+            self._busy = True
+            self._submitting = loop.create_task(self._flush())
+        return future
 
     def _pack(self, stage: Stage) -> tuple[bytes, int]:
         """The stage's commands as one RESP payload, and how many replies they will get.
@@ -328,11 +398,7 @@ class CommandBatcher:
         return waiting, b"".join(parts), ends
 
     def _result_of(self, replies: list[Any]) -> Any:
-        failed = next((r for r in replies if isinstance(r, redis_errors.ResponseError)), None)
-        if failed is not None:
-            with self._translate():
-                raise reply_error(failed)
-        return replies[-1] if replies else None
+        return reply_or_raise(replies, self._translate)
 
     async def _roundtrip(self, payload: bytes, count: int) -> list[Any]:
         """Write every command, then read every reply; error replies come back as values.
@@ -345,11 +411,14 @@ class CommandBatcher:
         """
         if not count:
             return []
-        with self._translate():
-            link = await self._ready_link()
+        # Translated only when something fails: a context manager per call (a generator
+        # object, its frames) was a measurable part of a lone send() (see _redis_link).
+        try:
+            link = self._link
+            if link is None or not link.usable:
+                link = await self._ready_link()
             try:
-                async with asyncio.timeout(self._deadline):
-                    return await link.roundtrip(payload, count)
+                return await link.roundtrip(payload, count, self._deadline)
             except TimeoutError as exc:
                 self._drop(link)
                 raise redis_errors.TimeoutError(
@@ -357,6 +426,9 @@ class CommandBatcher:
                 ) from exc
             except BaseException:
                 self._drop(link)
+                raise
+        except (redis_errors.RedisError, OSError):
+            with self._translate():
                 raise
 
     async def _ready_link(self) -> RedisLink:
@@ -381,6 +453,50 @@ class CommandBatcher:
         link, self._link = self._link, None
         if link is not None:
             await link.aclose()
+
+
+def reply_or_raise(
+    replies: list[Any], translate: Callable[[], contextlib.AbstractContextManager[None]]
+) -> Any:
+    """The last reply of a stage, or its first error reply raised (translated)."""
+    failed = next((r for r in replies if isinstance(r, Exception)), None)
+    if failed is not None:
+        with translate():
+            if isinstance(failed, redis_errors.ResponseError):
+                raise reply_error(failed)
+            raise failed
+    return replies[-1] if replies else None
+
+
+def new_batcher(
+    client: RedisClient,
+    translate: Callable[[], contextlib.AbstractContextManager[None]],
+    url: str,
+) -> Any:
+    """The batcher for a client made from ``url``: the raw single-node one, or the cluster's
+    (chosen once, here)."""
+    if isinstance(client, Redis):
+        return CommandBatcher(client, translate)
+    from ._redis_cluster import ClusterBatcher, parse_cluster_url
+
+    parsed = parse_cluster_url(url)
+    return ClusterBatcher(
+        client,
+        translate,
+        wait_replicas=parsed.wait_replicas,
+        wait_timeout_ms=parsed.wait_timeout_ms,
+        tls=parsed.tls,
+    )
+
+
+async def subscriber_settings(client: RedisClient) -> LinkSettings:
+    """Where a connection of our own for SUBSCRIBE goes: the client's server, or for a cluster
+    one live primary (classic pub/sub reaches every node of a cluster)."""
+    if isinstance(client, Redis):
+        return link_settings(client)
+    from ._redis_cluster import node_settings
+
+    return await node_settings(client)
 
 
 # -- start-up checks --------------------------------------------------------------------------

@@ -23,14 +23,14 @@ import contextlib
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from hiredis import pack_command
 from redis import exceptions as redis_errors
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
-__all__ = ["LinkSettings", "RedisLink", "link_settings", "reply_error"]
+__all__ = ["LinkSettings", "RedisLink", "link_settings", "reply_error", "tls_context"]
 
 _READ_SIZE = 65536
 _MORE = object()  # hiredis's "not enough data yet"
@@ -79,15 +79,24 @@ class LinkSettings:
         return f"{where}/{self.db}"
 
 
+def tls_context(kind: type[Any], kwargs: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context of a redis-py connection class and its options, None without TLS.
+
+    redis-py's own context for those options, so a link of ours verifies exactly as the
+    redis-py client beside it does (CA, host name, client certificate).
+    """
+    if not issubclass(kind, SSLConnection):
+        return None
+    context: ssl.SSLContext = kind(**kwargs).ssl_context.get()
+    return context
+
+
 def link_settings(client: Any) -> LinkSettings:
     """The settings a redis-py client was made with (from its URL, see the module docstring)."""
     pool = client.connection_pool
     kwargs: dict[str, Any] = dict(pool.connection_kwargs)
     kind = pool.connection_class
-    tls = None
-    if issubclass(kind, SSLConnection):
-        # redis-py's own context for these options, so rediss:// verifies the same way.
-        tls = kind(**kwargs).ssl_context.get()
+    tls = tls_context(kind, kwargs)
     return LinkSettings(
         host=str(kwargs.get("host") or "localhost"),
         port=int(kwargs.get("port") or 6379),
@@ -104,32 +113,104 @@ def link_settings(client: Any) -> LinkSettings:
     )
 
 
-class RedisLink:
-    """One connection, spoken to a batch at a time: write all commands, read all replies."""
+class _Replies(asyncio.Protocol):
+    """The link's socket end: bytes go straight into hiredis, replies straight to the waiter.
 
-    __slots__ = ("_parser", "_reader", "_writer")
+    A protocol rather than an asyncio stream: a stream copies every read into its buffer, wakes
+    the reader through a future of its own and wants a ``drain()`` await per write; here the
+    transport hands each chunk to the parser and the round trip's one future is resolved once
+    all its replies are in (one event-loop hop per round trip). Replies nobody waits for yet
+    (a pub/sub notice, or the rest after a cancelled read) stay in the parser for the next one.
+    """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._parser = hiredis.Reader(
+    __slots__ = ("closed", "count", "error", "parser", "replies", "transport", "waiter")
+
+    def __init__(self) -> None:
+        self.parser = hiredis.Reader(
             notEnoughData=_MORE,
             replyError=redis_errors.ResponseError,
             protocolError=redis_errors.ConnectionError,
         )
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[list[Any]] | None = None
+        self.replies: list[Any] = []
+        self.count = 0
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.error: BaseException | None = None  # why the link cannot be used any more
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed(data)
+        self.collect()
+
+    def collect(self) -> None:
+        """Move parsed replies to the waiting round trip; resolve it once it has them all."""
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        try:
+            replies = self.replies
+            gets = self.parser.gets
+            reply = gets(False)
+            while reply is not _MORE:
+                replies.append(reply)
+                if len(replies) == self.count:
+                    self.waiter = None
+                    waiter.set_result(replies)
+                    return
+                reply = gets(False)
+        except redis_errors.ConnectionError as exc:  # a protocol error: the stream is lost
+            self.fail(exc)
+            if self.transport is not None:
+                self.transport.abort()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(self.error)
+
+    def eof_received(self) -> bool:
+        self.fail(redis_errors.ConnectionError("Redis closed the connection"))
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(redis_errors.ConnectionError(f"Redis closed the connection ({exc!r})"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def _expire(waiter: asyncio.Future[list[Any]]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class RedisLink:
+    """One connection, spoken to a batch at a time: write all commands, read all replies."""
+
+    __slots__ = ("_protocol", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, protocol: _Replies) -> None:
+        self._transport = transport
+        self._protocol = protocol
 
     @classmethod
     async def open(cls, settings: LinkSettings) -> RedisLink:
         """Connect and introduce ourselves (AUTH, CLIENT SETNAME, SELECT) within the timeout."""
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(settings.connect_timeout):
                 if settings.path is not None:
-                    reader, writer = await asyncio.open_unix_connection(settings.path)
+                    transport, protocol = await loop.create_unix_connection(_Replies, settings.path)
                 else:
-                    reader, writer = await asyncio.open_connection(
-                        settings.host, settings.port, ssl=settings.tls
+                    transport, protocol = await loop.create_connection(
+                        _Replies, settings.host, settings.port, ssl=settings.tls
                     )
-                link = cls(reader, writer)
+                link = cls(transport, protocol)
                 try:
                     await link._hello(settings)
                 except BaseException:
@@ -142,7 +223,7 @@ class RedisLink:
         return link
 
     async def _hello(self, settings: LinkSettings) -> None:
-        sock = self._writer.get_extra_info("socket")
+        sock = self._transport.get_extra_info("socket")
         if settings.keepalive and sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         commands: list[tuple[Any, ...]] = []
@@ -163,37 +244,49 @@ class RedisLink:
     @property
     def usable(self) -> bool:
         """False once the server closed its side or the transport went away (seen idle)."""
-        return not self._writer.is_closing() and not self._reader.at_eof()
+        return self._protocol.error is None and not self._transport.is_closing()
 
-    async def roundtrip(self, payload: bytes, count: int) -> list[Any]:
-        """Write ``payload`` (``count`` packed commands) and read their ``count`` replies."""
-        self._writer.write(payload)
-        await self._writer.drain()
-        replies: list[Any] = []
-        gets = self._parser.gets
-        while True:
-            reply = gets(False)
-            while reply is not _MORE:
-                replies.append(reply)
-                if len(replies) == count:
-                    return replies
-                reply = gets(False)
-            data = await self._reader.read(_READ_SIZE)
-            if not data:
-                raise redis_errors.ConnectionError("Redis closed the connection")
-            self._parser.feed(data)
+    async def roundtrip(
+        self, payload: bytes, count: int, timeout: float | None = None
+    ) -> list[Any]:
+        """Write ``payload`` (``count`` packed commands) and read their ``count`` replies.
+
+        ``timeout``: TimeoutError if the replies are not all in by then (one timer handle on
+        the round trip's own future: cheaper than a timeout scope per call). Cancelling it is
+        safe for the link only between whole replies: its owner aborts a link whose round
+        trip was cut short, except a reader of pub/sub notices (``payload`` empty), whose
+        unread notices stay in the parser.
+        """
+        protocol = self._protocol
+        if protocol.error is not None:
+            raise protocol.error
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[list[Any]] = loop.create_future()
+        protocol.waiter = waiter
+        protocol.replies = []
+        protocol.count = count
+        if payload:
+            self._transport.write(payload)
+        protocol.collect()  # replies already parsed (notices that came while nobody read)
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if protocol.waiter is waiter:
+                protocol.waiter = None
 
     def abort(self) -> None:
         """Drop the connection at once (its state is unknown, so no goodbye)."""
-        transport = self._writer.transport
         with contextlib.suppress(Exception):
-            transport.abort()
+            self._transport.abort()
 
     async def aclose(self, timeout: float = 1.0) -> None:
         """Close politely, waiting at most ``timeout``: a dead peer must not hold anyone up."""
-        self._writer.close()
+        self._transport.close()
         try:
             async with asyncio.timeout(timeout):
-                await self._writer.wait_closed()
+                await asyncio.shield(self._protocol.closed)
         except (OSError, TimeoutError):
             self.abort()

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .input_limits import Limits
 
 __all__ = ["Config", "mask_secrets", "mask_url"]
 
@@ -30,7 +34,7 @@ _SECRET_NAME = re.compile(r"API|TOKEN|KEY|SECRET|PASS|SIGNATURE", re.IGNORECASE)
 _SECRET_PARAM = re.compile(r"PASS|TOKEN|SECRET|KEY|SIGNATURE|CREDENTIAL", re.IGNORECASE)
 _NOT_SECRET_PARAM = re.compile(r"(FILE|PATH|DIR)$", re.IGNORECASE)
 # Settings whose names look secret but are not (the prefix of Redis keys is not a key).
-_NOT_SECRET = frozenset({"key_prefix"})
+_NOT_SECRET = frozenset({"key_prefix", "ssl_keyfile"})
 # Environment names that differ from the setting name, as Celery users know them.
 _ENV_ALIASES = {"broker_url": "BROKER_URL", "result_backend": "RESULT_BACKEND"}
 MASK = "********"
@@ -49,6 +53,8 @@ class Config:
     accept_content: tuple[str, ...] = ("json",)
     max_message_size: int = 16 * 1024 * 1024
     track_started: bool = False
+    task_routes: Any = None
+    """Where tasks' messages go: see aioqueue.routing (a mapping, callable, or list of them)."""
     max_attempts: int = 5
     acks_late: bool = True
     worker_concurrency: int = 100
@@ -68,6 +74,41 @@ class Config:
     amqp_publisher_confirms: bool = True
     amqp_channel_pool_size: int = 4
     amqp_delete_queues_on_close: bool = False
+    # Periodic tasks; see aioqueue/periodic/.
+    beat_schedule: dict[str, Any] = field(default_factory=dict)
+    timezone: str = "UTC"
+    amqp_priorities: bool = False
+    """True: classic work queues get x-max-priority=9 and message priorities are honoured. Off
+    by default: it cost a worker's drain about 30% in our benchmark, and an existing queue
+    cannot gain the argument (see the README); while off, a prioritised send is refused."""
+    # How long a revocation is kept for workers that start later (seven days): longer than
+    # the longest countdown you revoke.
+    revoke_ttl: float = 7 * 86400.0
+    concurrency_lease_ttl: float = 30.0
+    """Seconds a concurrency permit outlives a worker that stopped renewing it (died)."""
+    # Prometheus metrics of a worker (see aioqueue.metrics): off unless a port is set; the
+    # queue depths are sampled every worker_metrics_interval seconds.
+    worker_metrics_port: int | None = None
+    worker_metrics_addr: str = "0.0.0.0"
+    worker_metrics_interval: float = 15.0
+    # Security; see aioqueue/signing.py and aioqueue/input_limits.py (the table of limits).
+    signing_key: Any = None
+    """HMAC key (str or bytes), or a list of them (the first signs, all verify): every body
+    that crosses a broker is signed, and a worker refuses an unsigned or tampered one."""
+    max_nesting_depth: int = 32
+    max_task_name_length: int = 200
+    max_headers: int = 64
+    max_headers_size: int = 16 * 1024
+    # TLS for rediss:// and amqps:// (see aioqueue/tls.py); the URL's query may set the files too.
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_verify: bool = True
+    """False turns certificate and host name checks off (logged as a warning): never in
+    production. The only way to do so; a URL asking for it is refused."""
+    # Task events and worker heartbeats (see aioqueue/events.py): off, and then free.
+    events: bool = False
+    events_maxlen: int = 10_000
     _explicit: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def update(self, values: Mapping[str, Any]) -> None:
@@ -140,11 +181,56 @@ class Config:
             raise ConfigurationError(
                 f"max_attempts must be a whole number of at least 1, not {attempts!r}"
             )
+        if self.task_routes is not None:
+            from .routing import check_routes  # here: routing needs the task module
+
+            check_routes(self.task_routes)
         timeout = self.broker_publish_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise ConfigurationError(
                 f"broker_publish_timeout must be a positive number of seconds, not {timeout!r}"
             )
+
+        self._check_security()
+        revoke_ttl = self.revoke_ttl
+        if isinstance(revoke_ttl, bool) or not isinstance(revoke_ttl, int | float):
+            revoke_ttl = -1
+        if not revoke_ttl > 0:
+            raise ConfigurationError(
+                f"revoke_ttl must be a positive number of seconds, not {self.revoke_ttl!r}"
+            )
+
+        lease = self.concurrency_lease_ttl
+        if isinstance(lease, bool) or not isinstance(lease, int | float) or not lease > 0:
+            raise ConfigurationError(
+                f"concurrency_lease_ttl must be a positive number of seconds, not {lease!r}"
+            )
+
+    def _check_security(self) -> None:
+        from .signing import signer_from  # here: signing imports errors only, but lazily
+
+        signer = signer_from(self.signing_key)  # a short or malformed key fails here
+        # Unpickling runs code chosen by whoever wrote the bytes; only a MAC proves they hold
+        # the key, rather than merely being able to write to the broker. (The App enforces
+        # this; a MessageCodec built by hand is the caller's own responsibility.)
+        if signer is None and "pickle" in self.accept_content:
+            raise ConfigurationError(
+                "accept_content lists 'pickle', which runs code from the message: it is refused "
+                "unless signing_key is set (then only holders of the key can send pickles)"
+            )
+        self.limits()
+
+    def limits(self) -> Limits:
+        """The settings of the table in :mod:`aioqueue.input_limits`, checked."""
+        from .input_limits import Limits
+
+        return Limits(
+            max_message_size=self.max_message_size,
+            max_nesting_depth=self.max_nesting_depth,
+            max_task_name_length=self.max_task_name_length,
+            max_headers=self.max_headers,
+            max_headers_size=self.max_headers_size,
+        )
 
     def __post_init__(self) -> None:
         self._resolve()
@@ -178,8 +264,24 @@ def _coerce(name: str, raw: str, default: Any) -> Any:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
     except ValueError as exc:
         raise ConfigurationError(f"environment setting for {name!r} is invalid: {exc}") from exc
-    if name == "worker_max_tasks_per_child":
+    if name == "task_routes":  # JSON in the environment: {"billing.*": "billing"}
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"environment setting for 'task_routes' is not JSON: {exc}"
+            ) from exc
+    if name in ("worker_max_tasks_per_child", "worker_metrics_port"):
         return int(raw) if raw else None
+    return _security_text(name, raw)
+
+
+def _security_text(name: str, raw: str) -> Any:
+    """The security settings' environment forms (other text settings pass through)."""
+    if name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):  # a file path
+        return raw or None
+    if name == "signing_key":  # several keys (rotation) are separated by commas
+        return [key for key in raw.split(",") if key]
     return raw
 
 
@@ -199,6 +301,9 @@ def mask_url(url: str) -> str:
     """
     try:
         parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    try:
         netloc = parts.netloc
         if parts.password is not None:
             user = parts.username or ""
@@ -209,7 +314,12 @@ def mask_url(url: str) -> str:
                 host = f"{host}:{parts.port}"
             netloc = f"{user}:{MASK}@{host}"
     except ValueError:
-        return MASK
+        if "," not in parts.netloc:
+            return MASK
+        # several hosts (``amqp://u:pw@h1:1,h2:2/``): no single port to parse
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{MASK}@{hosts}" if at and colon else parts.netloc
     query = _mask_query(parts.query)
     if netloc == parts.netloc and query == parts.query:
         return url

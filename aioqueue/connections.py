@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .config import Config, mask_url
 from .errors import ConfigurationError
+from .tls import with_tls
 
 if TYPE_CHECKING:
     from .backends.base import ResultBackend
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = ["build_backend", "build_broker"]
 
-REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+cluster", "rediss+cluster"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps"})
 
 
@@ -29,6 +30,7 @@ def _scheme(url: str) -> str:
 
 def build_broker(url: str, conf: Config, app_name: str) -> Broker:
     scheme = _scheme(url)
+    url = with_tls(url, conf)
     if scheme == "memory":
         from .brokers.memory import MemoryBroker
 
@@ -60,15 +62,18 @@ def build_broker(url: str, conf: Config, app_name: str) -> Broker:
             channel_pool_size=conf.amqp_channel_pool_size,
             client_name=f"aioqueue:{app_name}",
             delete_queues_on_close=conf.amqp_delete_queues_on_close,
+            priorities=conf.amqp_priorities,
         )
     raise ConfigurationError(
         f"unsupported broker URL scheme {scheme!r} in {mask_url(url)!r} "
-        "(use memory://, redis://, rediss://, unix://, amqp:// or amqps://)"
+        "(use memory://, redis://, rediss://, unix://, redis+cluster://, rediss+cluster://, "
+        "amqp:// or amqps://)"
     )
 
 
 def build_backend(url: str, conf: Config, app_name: str) -> ResultBackend:
     scheme = _scheme(url)
+    url = with_tls(url, conf)
     if scheme == "memory":
         from .backends.memory import MemoryBackend
 
@@ -92,7 +97,7 @@ def build_backend(url: str, conf: Config, app_name: str) -> ResultBackend:
                 f"{mask_url(broker_url)!r}"
             )
         return RpcBackend(
-            broker_url,
+            with_tls(broker_url, conf),
             key_prefix=conf.key_prefix,
             connect_timeout=conf.broker_connect_timeout,
             publish_timeout=conf.broker_publish_timeout,
@@ -103,5 +108,6 @@ def build_backend(url: str, conf: Config, app_name: str) -> ResultBackend:
         )
     raise ConfigurationError(
         f"unsupported result backend URL scheme {scheme!r} in {mask_url(url)!r} "
-        "(use memory://, redis://, rediss://, unix:// or rpc://)"
+        "(use memory://, redis://, rediss://, unix://, redis+cluster://, rediss+cluster:// "
+        "or rpc://)"
     )

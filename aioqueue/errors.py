@@ -10,16 +10,22 @@ Library errors from redis-py or aio-pika are translated at the broker/backend se
     ├── SerializationError
     │   └── MessageTooLarge
     ├── ProtocolError
+    │   ├── BadSignature
+    │   └── LimitExceeded
     ├── BrokerError
     │   └── BrokerConnectionError
     ├── ResultBackendError
     ├── ResultTimeout              (also a TimeoutError)
     ├── TaskRevoked                (TaskExpired is the same class, its former name)
+    ├── ResultIgnored
     ├── DeliveryLimitExceeded
     ├── TimeLimitExceeded
     ├── SoftTimeLimitExceeded
+    ├── Retry                      (raised by a task to run again later)
+    ├── MaxRetriesExceeded
     ├── TaskFailed
-    │   └── RemoteError
+    │   ├── RemoteError
+    │   └── ChordError             (a chord's member failed: its callback did not run)
     └── WorkerLostError
 """
 
@@ -54,6 +60,14 @@ class ProtocolError(AioQueueError):
     """Raised when a message has an unknown envelope version or content type."""
 
 
+class BadSignature(ProtocolError):
+    """Raised when signing is on and a body is unsigned or its MAC matches no key."""
+
+
+class LimitExceeded(ProtocolError):
+    """Raised when a message is over one of the limits in :mod:`aioqueue.input_limits`."""
+
+
 class BrokerError(AioQueueError):
     """Raised when the broker refuses or fails an operation."""
 
@@ -71,10 +85,12 @@ class ResultTimeout(AioQueueError, TimeoutError):
 
 
 class TaskRevoked(AioQueueError):
-    """Raised by ``get()`` for a task that was revoked (state REVOKED) and so never started.
+    """Raised by ``get()`` for a task that was revoked (state REVOKED).
 
     ``reason`` says why: "expired" for a message that reached a worker (or ``apply``) after
-    its ``expires`` time, or whose ``expires`` falls before its eta.
+    its ``expires`` time, or whose ``expires`` falls before its eta; "revoked" for one stopped
+    by ``revoke()`` before it started; "terminated" for one stopped while running by
+    ``revoke(terminate=True)`` (also what ``ctx.raise_if_cancelled()`` raises).
     """
 
     def __init__(self, reason: str = "revoked") -> None:
@@ -87,6 +103,14 @@ TaskExpired = TaskRevoked
 
 Kept as the same class rather than a subclass, so ``except TaskExpired`` still catches every
 expired task now that the recorded type is TaskRevoked."""
+
+
+class ResultIgnored(AioQueueError):
+    """Raised by ``get()`` on the handle of a task sent with ``ignore_result``.
+
+    Its worker stores and pushes nothing, so waiting would never end; the task still runs, and
+    a failure is still logged by the worker (and bad input dead-lettered).
+    """
 
 
 class DeliveryLimitExceeded(AioQueueError):
@@ -114,6 +138,67 @@ class SoftTimeLimitExceeded(AioQueueError):
     """
 
 
+class Retry(AioQueueError):
+    """Raise inside a task (or call ``ctx.retry(...)``) to run it again later.
+
+    The worker re-sends the same task id with its retry count raised, due ``countdown``
+    seconds from now (or at ``eta``), atomically with the ack of the current delivery where
+    the broker allows it. Without a countdown the task's backoff policy picks the delay.
+    ``exc`` is the error being retried: it is recorded with the RETRY state, and becomes the
+    FAILURE if no retries are left. ``max_retries`` overrides the task's for this decision.
+
+    Its ``args`` are JSON values (the reason text and the countdown), so it crosses a process
+    boundary (``executor="process"``) and rebuilds on the other side.
+    """
+
+    def __init__(
+        self,
+        countdown: float | None = None,
+        *,
+        exc: BaseException | None = None,
+        eta: float | None = None,
+        max_retries: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        _check_retry_value("countdown", countdown, 10 * 365 * 24 * 3600.0)
+        _check_retry_value("eta", eta, 253402300799.0)  # a unix time, up to the year 9999
+        if max_retries is not None and (
+            isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0
+        ):
+            raise ConfigurationError(
+                f"Retry(max_retries=...) must be a whole number of at least 0, not {max_retries!r}"
+            )
+        self.countdown = countdown
+        self.exc = exc
+        self.eta = eta
+        self.max_retries = max_retries
+        if reason is None:
+            reason = f"{type(exc).__name__}: {exc}" if exc is not None else "retry requested"
+        self.reason = reason
+        super().__init__(countdown)
+
+    def __str__(self) -> str:
+        when = f" in {self.countdown}s" if self.countdown is not None else ""
+        return f"Retry{when}: {self.reason}"
+
+
+def _check_retry_value(name: str, value: object, highest: float) -> None:
+    """Refused where it is raised, so the task fails naming the bad value instead of sending a
+    retry no worker would accept."""
+    if value is None:
+        return
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= highest:
+        return
+    raise ConfigurationError(
+        f"Retry({name}=...) must be a number from 0 to {highest:.0f}, not {value!r}"
+    )
+
+
+class MaxRetriesExceeded(AioQueueError):
+    """Recorded (FAILURE) when a task asks to retry with no retries left and no error of its
+    own to fail with: ``raise Retry()`` past ``max_retries``."""
+
+
 class TaskFailed(AioQueueError):
     """Raised by ``AsyncResult.get()`` for a failed task whose exception cannot be rebuilt."""
 
@@ -133,3 +218,10 @@ class RemoteError(TaskFailed):
 
 class WorkerLostError(AioQueueError):
     """Raised (and recorded as FAILURE) when a process-pool child dies while running a task."""
+
+
+class ChordError(TaskFailed):
+    """A chord's callback did not run: a member failed, was revoked or lost its result.
+
+    The message names the member (its task id and name) and its error.
+    """

@@ -111,10 +111,15 @@ def throughput_rows(rows: list[Row]) -> list[list[str]]:
         t = c["spec"]["transport"]
         res = c.get("results", {})
         line = [c["spec"]["label"], t, version_of(c)]
-        for key in ("enqueue", "enqueue_batch", "drain"):
+        for key in ("enqueue", "enqueue_batch", "enqueue_c100", "drain"):
             v = med(res.get(key))
             line.append(cell(c, key))
-            if key != "enqueue_batch":
+            if key == "enqueue_c100":
+                # against the floor's windowed (batch) publishes: the physical limit for many
+                # sends in flight at once
+                floor = best(rows, "enqueue_batch", t, lambda r: r["spec"]["floor"], max)
+                line.append(fmt_ratio(ratio(v, floor)))
+            elif key != "enqueue_batch":
                 line.append(fmt_ratio(ratio(v, best(rows, key, t, is_peer, max))))
                 line.append(
                     fmt_ratio(ratio(v, best(rows, key, t, lambda r: r["spec"]["floor"], max)))
@@ -167,6 +172,32 @@ def other_rows(rows: list[Row]) -> list[list[str]]:
     return out
 
 
+def growth_sizes(rows: list[Row]) -> list[int]:
+    sizes: set[int] = set()
+    for c in rows:
+        g = c.get("results", {}).get("growth")
+        if isinstance(g, dict):
+            sizes.update(int(n) for n in g.get("sizes", []))
+    return sorted(sizes)
+
+
+def growth_rows(rows: list[Row], sizes: list[int]) -> list[list[str]]:
+    out = []
+    for c in rows:
+        g = c.get("results", {}).get("growth")
+        if not isinstance(g, dict):
+            continue
+        line = [c["spec"]["label"], c["spec"]["transport"]]
+        for n in sizes:
+            cell_ = g.get(str(n)) or {}
+            line.append(fmt_num(cell_.get("drain")))
+            per = cell_.get("bytes_per_task")
+            line.append(f"{per:,.0f}" if isinstance(per, int | float) else "-")
+            line.append(fmt_num(cell_.get("peak_rss")))
+        out.append(line)
+    return out
+
+
 def notes(rows: list[Row]) -> list[str]:
     out = []
     for c in rows:
@@ -204,6 +235,8 @@ def render(data: dict[str, Any]) -> str:
             "/peer",
             "/floor",
             "batch/s",
+            "c100/s",
+            "/wfloor",
             "drain/s",
             "/peer",
             "/floor",
@@ -243,7 +276,8 @@ def render(data: dict[str, Any]) -> str:
     parts = [
         head,
         "",
-        "Throughput (tasks/s, higher is better)",
+        "Throughput (tasks/s, higher is better; c100 = 100 coroutines sending at once, each "
+        "awaiting its own send; /wfloor = c100 over the floor's windowed batch publishes)",
         t1,
         "",
         "Latency (ms, lower is better; conns = client's broker/backend TCP connections)",
@@ -253,6 +287,21 @@ def render(data: dict[str, Any]) -> str:
         "window) and leak (worker RSS growth from its first chunk of tasks to its last)",
         t3,
     ]
+    sizes = growth_sizes(rows)
+    grows = growth_rows(rows, sizes)
+    if grows:
+        headers = ["contestant", "transport"]
+        for n in sizes:
+            k = f"{n // 1000}k" if n < 1_000_000 else f"{n // 1_000_000}M"
+            headers += [f"{k} drain/s", f"{k} B/task", f"{k} RSS MB"]
+        parts += [
+            "",
+            "Cost growth: n tasks waiting (prefilled, no worker), then one worker drains them "
+            "(B/task = broker bytes per waiting task: Redis MEMORY USAGE of db 14, plus "
+            "RabbitMQ message_bytes (bodies) of the run's queues; RSS = worker peak during "
+            "the drain)",
+            render_table(headers, grows),
+        ]
     nts = notes(rows)
     if nts:
         parts += ["", "Notes:", *(f"  - {n}" for n in nts)]
@@ -271,6 +320,10 @@ def write_outputs(data: dict[str, Any], results: Path) -> None:
     (results / "latest.json").write_text(blob)
     (results / f"latest-{mode}.json").write_text(blob)
     (results / f"latest-{mode}.txt").write_text(text + "\n")
+    try:
+        growth_chart(data, results / f"growth-{mode}.png")
+    except Exception as exc:
+        print(f"\ngrowth chart failed: {exc}")
     try:
         chart(data, results / "chart.png")
         chart(data, results / f"chart-{mode}.png")
@@ -324,6 +377,43 @@ def chart(data: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         f"aioqueue benchmarks ({m['mode']}, {m['date']}); grey = floor, red = aioqueue", fontsize=11
     )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def growth_chart(data: dict[str, Any], path: Path) -> None:
+    """Drain rate and bytes per waiting task against the backlog size (log x), one line each."""
+    rows = [
+        c
+        for c in data["contestants"].values()
+        if isinstance(c.get("results", {}).get("growth"), dict)
+    ]
+    sizes = growth_sizes(rows)
+    if not rows or not sizes:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+    for c in rows:
+        g = c["results"]["growth"]
+        label = f"{c['spec']['label']} ({c['spec']['transport']})"
+        style = "-" if c["spec"]["id"].startswith("aioqueue") else "--"
+        xs = [n for n in sizes if isinstance((g.get(str(n)) or {}).get("drain"), int | float)]
+        left.plot(xs, [g[str(n)]["drain"] for n in xs], style, marker="o", label=label)
+        xs = [n for n in sizes if (g.get(str(n)) or {}).get("bytes_per_task")]
+        right.plot(xs, [g[str(n)]["bytes_per_task"] for n in xs], style, marker="o", label=label)
+    for ax, title in (
+        (left, "drain rate with n waiting, tasks/s (flat is the goal)"),
+        (right, "broker bytes per waiting task"),
+    ):
+        ax.set_xscale("log")
+        ax.set_xlabel("tasks waiting")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -60,6 +61,14 @@ SPECS: list[Spec] = [
     Spec("floor-amqp", "floor amqp", "floor", "c_floor", "amqp", "batch", True),
     Spec("aioqueue-redis", "aioqueue", "aioqueue", "c_aioqueue", "redis"),
     Spec("aioqueue-amqp", "aioqueue", "aioqueue", "c_aioqueue", "amqp"),
+    Spec(
+        "aioqueue-amqp-noconfirm",
+        "aioqueue noconfirm",
+        "aioqueue",
+        "c_aioqueue",
+        "amqp",
+        "noconfirm",
+    ),
     Spec("arq", "arq", "arq", "c_arq", "redis"),
     Spec("saq", "saq", "saq", "c_saq", "redis"),
     Spec("taskiq-redis", "taskiq", "taskiq", "c_taskiq", "redis"),
@@ -88,6 +97,7 @@ class Plan:
     scale_n: int
     total_s: float  # whole-run budget; each contestant gets a share of what is left
     latency_cap_s: float  # one round-trip / fan-in repetition stops after this long
+    growth: tuple[int, ...] = ()  # backlog sizes for the cost-growth rows (--growth)
 
 
 QUICK = Plan(
@@ -121,10 +131,12 @@ FULL = Plan(
     scale_n=6000,
     total_s=720.0,
     latency_cap_s=5.0,
+    growth=(10000, 100000),
 )
 # share of a contestant's budget each step may use before it stops repeating
 SHARES = {"main": 0.4, "latency": 0.15}
 LEAK_CHUNK = 5000
+CONCURRENT_SENDERS = 100
 DRAIN_METHOD = (
     "fresh worker started after the enqueue; rate from the first completion to the last, "
     "as seen by the result-key sweep"
@@ -433,6 +445,7 @@ class Runner:
                 self.step_latency_worker,
                 self.step_sync,
                 self.step_scaling,
+                self.step_growth,
                 self.step_leak,
             )
             for step in steps:
@@ -521,6 +534,29 @@ class Runner:
                 self.call("purge")
             rates.append(r["rate"])
         self.results["enqueue_batch"] = summarize(rates, "tasks/s", {"n": self.plan.n})
+        self.step_concurrent()
+
+    def step_concurrent(self) -> None:
+        """Enqueue from CONCURRENT_SENDERS coroutines at once, each awaiting its own sends:
+        what a web app sending from many requests sees (confirms shared, not one per RTT)."""
+        rates: list[float] = []
+        t0 = time.monotonic()
+        while len(rates) < self.plan.batch_reps:
+            if rates and time.monotonic() - t0 > self.share("main") / 3:
+                break
+            try:
+                r = self.call(
+                    "enqueue", 120, n=self.plan.n, batch=False, concurrency=CONCURRENT_SENDERS
+                )
+            except DriverError as exc:
+                self.results["enqueue_c100"] = na(str(exc)) if exc.na else err(str(exc))
+                return
+            finally:
+                self.call("purge")
+            rates.append(r["rate"])
+        self.results["enqueue_c100"] = summarize(
+            rates, "tasks/s", {"n": self.plan.n, "senders": CONCURRENT_SENDERS}
+        )
 
     # -- latency and memory over time: one long-lived worker ------------------------------
     def step_latency_worker(self) -> None:
@@ -675,6 +711,58 @@ class Runner:
         self.call("purge")
         self.results["scaling"] = out
 
+    # -- cost growth: deep backlogs ------------------------------------------------------
+    def step_growth(self) -> None:
+        """Per backlog size n: prefill n tasks (no worker), the bytes each waiting task costs
+        the broker, then one worker drains them all (rate first to last, peak RSS)."""
+        if not self.plan.growth or self.spec.floor:
+            return
+        out: dict[str, Any] = {"unit": "tasks/s", "sizes": list(self.plan.growth)}
+        for n in self.plan.growth:
+            if time.monotonic() - self.started > 2.0 * self.budget_s:
+                out.setdefault("notes", []).append(f"{n:,} skipped: time budget")
+                continue
+            self.call("purge")
+            self.call("prefill", max(180.0, n / 200), n=n)
+            size = waiting_bytes(self.spec, self.run_id)
+            res, peak = self.drain_with(1, n)
+            out[str(n)] = {
+                "drain": res["rate"] or None,
+                "complete": res["complete"],
+                "bytes_per_task": size / n if size else None,
+                "peak_rss": peak,
+            }
+        self.call("purge")
+        self.results["growth"] = out
+
+
+def waiting_bytes(spec: Spec, run_id: str) -> int:
+    """Bytes the waiting tasks take in the broker: every key of db 14 (MEMORY USAGE, exact),
+    plus on RabbitMQ the ``message_bytes`` of this run's queues (message bodies: RabbitMQ does
+    not count their properties there)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    total = 0
+    try:
+        for key in client.scan_iter(count=1000):
+            total += int(client.memory_usage(key, samples=0) or 0)
+    finally:
+        client.close()
+    if spec.transport == "amqp":
+        res = subprocess.run(
+            ["rabbitmqctl", "-q", "list_queues", "--no-table-headers", "name", "message_bytes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        for line in res.stdout.splitlines():
+            name, _, count = line.partition("\t")
+            if run_id in name and count.strip().isdigit():
+                total += int(count)
+    return total
+
 
 def robust_rate(res: dict[str, Any], n: int, out: dict[str, Any]) -> float | None:
     """The 10-90% rate, unless it disagrees wildly with first-to-last (a completion sweep that
@@ -764,8 +852,17 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="")
     ap.add_argument("--skip", default="")
+    ap.add_argument(
+        "--growth",
+        default=None,
+        help="backlog sizes for the cost-growth rows, e.g. 10000,100000,1000000 "
+        "(full mode: 10000,100000; quick mode: none unless given)",
+    )
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
+    if args.growth is not None:
+        sizes = tuple(int(x) for x in args.growth.split(",") if x.strip())
+        plan = dataclasses.replace(plan, growth=sizes)
     specs = SPECS
     if args.only:
         specs = [s for s in specs if s.id in args.only.split(",")]

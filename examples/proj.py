@@ -7,10 +7,11 @@ The broker and backend come from AIOQUEUE_BROKER_URL / AIOQUEUE_RESULT_BACKEND w
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 
-from aioqueue import App
+from aioqueue import App, Context
 
 app = App("proj", broker="redis://127.0.0.1:6379/0", backend="redis://127.0.0.1:6379/0")
 
@@ -34,3 +35,12 @@ def crunch(n: int) -> int:
     for i in range(n):
         digest = hashlib.sha256(digest + i.to_bytes(8, "little")).digest()
     return digest[0]
+
+
+@app.task(bind=True)
+async def count(ctx: Context, total: int) -> int:
+    """Reports its progress as it goes; the web examples stream it to the browser."""
+    for done in range(1, total + 1):
+        await asyncio.sleep(0.1)  # the real work
+        await ctx.update_state("PROGRESS", {"done": done, "total": total})
+    return total

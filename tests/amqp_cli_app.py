@@ -37,8 +37,12 @@ def make_app(**config: Any) -> App:
 
 
 def _bump(path: Path) -> int:
+    """Count a run in ``path``. Written whole, then renamed into place: the test kills the
+    worker as soon as the file exists, which must not leave it empty for the next run."""
     runs = int(path.read_text()) + 1 if path.exists() else 1
-    path.write_text(str(runs))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(str(runs))
+    partial.replace(path)
     return runs
 
 

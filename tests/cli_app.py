@@ -8,6 +8,10 @@ what happened write under ``<key_prefix>:t:`` so the test's prefix cleanup remov
     <prefix>:t:log:<token>      list     one JSON {"pid", "attempt", "run"} per execution
     <prefix>:t:child:<token>    string   pid of the process-pool child running process_sleep
     <prefix>:t:gate:<gate>      string   set by the test to let gated(token, gate) finish
+    <prefix>:t:stamp:<token>    list     one JSON {"pid", "at"} per execution of stamp(token)
+
+stamp() and hold() use the results' Redis, not the broker's, so they also work when the test
+points the worker at RabbitMQ (``AIOQUEUE_BROKER_URL=amqp://...``, results still on Redis).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from aioqueue import App
+from aioqueue import App, Context
 from aioqueue.brokers.base import attempt_of
 
 app = App("cli-app")
@@ -159,3 +163,95 @@ def process_sleep(token: str, seconds: float) -> int:
         client.close()
     time.sleep(seconds)
     return os.getpid()
+
+
+def _results_redis() -> aioredis.Redis:
+    """The Redis the results live on (the broker may be RabbitMQ)."""
+    return aioredis.Redis.from_url(app.conf.result_backend or app.conf.broker_url)
+
+
+@app.task
+async def stamp(token: str) -> float:
+    """Log this execution's start (unix time) and pid under ``token``; return the start."""
+    at = time.time()
+    client = _results_redis()
+    try:
+        await client.rpush(record_key("stamp", token), orjson.dumps({"pid": os.getpid(), "at": at}))
+    finally:
+        await client.aclose()
+    return at
+
+
+@app.task(bind=True)
+async def retry_stamp(ctx: Context, token: str, pause: float = 0.0, countdown: float = 2.0) -> int:
+    """Log this execution (with its retry count) under ``token`` as stamp() does; the first try
+    waits ``pause`` seconds, then asks to be retried ``countdown`` seconds later; the retry
+    returns its retry count."""
+    client = _results_redis()
+    try:
+        entry = {"pid": os.getpid(), "at": time.time(), "retries": ctx.retries}
+        await client.rpush(record_key("stamp", token), orjson.dumps(entry))
+    finally:
+        await client.aclose()
+    if ctx.retries == 0:
+        await asyncio.sleep(pause)
+        ctx.retry(countdown=countdown)
+    return ctx.retries
+
+
+@app.task
+async def hold(gate: str, limit: float = 60.0) -> int:
+    """Take a slot until the test sets the ``gate`` key: a worker busy on purpose. Logs its
+    start under the gate's name as stamp() does; returns the pid."""
+    client = _results_redis()
+    try:
+        entry = {"pid": os.getpid(), "at": time.time()}
+        await client.rpush(record_key("stamp", gate), orjson.dumps(entry))
+        deadline = time.monotonic() + limit
+        while not await client.exists(record_key("gate", gate)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gate {gate} not opened within {limit}s")
+            await asyncio.sleep(0.01)
+    finally:
+        await client.aclose()
+    return os.getpid()
+
+
+async def _log_entry(kind: str, run: str, entry: dict[str, Any]) -> None:
+    client = _results_redis()
+    try:
+        await client.rpush(record_key(kind, run), orjson.dumps(entry))
+    finally:
+        await client.aclose()
+
+
+@app.task(rate_limit="10/s")
+async def rated(run: str) -> float:
+    """Log this start ({"pid", "at"}) under ``run`` (one list for all the test's tasks): 10/s
+    across every worker (tests/test_cli_limits.py)."""
+    at = time.time()
+    await _log_entry("stamp", run, {"pid": os.getpid(), "at": at})
+    return at
+
+
+@app.task(concurrency_limit=2)
+async def capped(run: str, n: int, seconds: float) -> int:
+    """At most 2 at once across every worker: logs its start under ``stamp:<run>`` and its end
+    under ``done:<run>`` ({"pid", "n", "at"}), sleeping ``seconds`` between."""
+    await _log_entry("stamp", run, {"pid": os.getpid(), "n": n, "at": time.time()})
+    await asyncio.sleep(seconds)
+    await _log_entry("done", run, {"pid": os.getpid(), "n": n, "at": time.time()})
+    return n
+
+
+@app.task
+async def collect(values: list[Any], token: str) -> list[Any]:
+    """A chord callback: log this execution under ``token`` as stamp() does; return the
+    members' results it was given."""
+    client = _results_redis()
+    try:
+        entry = {"pid": os.getpid(), "at": time.time()}
+        await client.rpush(record_key("stamp", token), orjson.dumps(entry))
+    finally:
+        await client.aclose()
+    return values

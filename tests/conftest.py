@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,12 +19,20 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
+from prefixes import delete_run_leftovers, new_prefix
+from rabbit_cluster import SERVER as CLUSTER_SERVER
+from rabbit_cluster import RabbitCluster
+from redis_cluster import RedisClusterServers
+from redis_cluster import installed as cluster_installed
 
 from aioqueue import App, Worker
 
 REDIS_URL = os.environ.get("AIOQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 AMQP_URL = os.environ.get("AIOQUEUE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+# `make test-cluster` sets it: start a private three-node RabbitMQ cluster once per session and
+# add the "amqp-cluster" transport to the contract (tests/rabbit_cluster.py, issue 16).
+WITH_CLUSTER = os.environ.get("AIOQUEUE_TEST_CLUSTER", "").lower() in {"1", "true", "yes"}
 
 
 def _reachable(url: str) -> bool:
@@ -61,7 +68,13 @@ def amqp_url() -> str:
 
 @pytest.fixture
 def key_prefix() -> str:
-    return f"aqtest-{uuid.uuid4().hex[:10]}"
+    return new_prefix()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """What this run left on the shared RabbitMQ goes (see tests/prefixes.py)."""
+    if _reachable(AMQP_URL):
+        delete_run_leftovers(AMQP_URL)
 
 
 async def delete_prefixed(url: str, prefix: str) -> None:
@@ -111,7 +124,96 @@ TRANSPORTS: dict[str, tuple[tuple[str, ...], Callable[[str], dict[str, Any]]]] =
             "amqp_delete_queues_on_close": True,
         },
     ),
+    # A private 3-master Redis Cluster (2 replicas each), started once per session on first use.
+    "redis-cluster": (
+        ("redis-cluster",),
+        lambda prefix: {
+            "broker": CLUSTER_URL[0],
+            "backend": CLUSTER_URL[0],
+            "key_prefix": prefix,
+        },
+    ),
 }
+if WITH_CLUSTER:
+    # Quorum queues on the private three-node cluster (its URL names every node), results in
+    # Redis; the broker URL is filled in by make_app from the session's rabbit_cluster.
+    TRANSPORTS["amqp-cluster"] = (
+        ("amqp-cluster", "redis"),
+        lambda prefix: {
+            "backend": REDIS_URL,
+            "key_prefix": prefix,
+            "amqp_queue_type": "quorum",
+            "amqp_delete_queues_on_close": True,
+            "amqp_reconnect_interval": 0.2,
+        },
+    )
+    TRANSPORTS["amqp-cluster-rpc"] = (
+        ("amqp-cluster",),
+        lambda prefix: {
+            "backend": "rpc://",
+            "key_prefix": prefix,
+            "amqp_queue_type": "quorum",
+            "amqp_delete_queues_on_close": True,
+            "amqp_reconnect_interval": 0.2,
+        },
+    )
+
+CLUSTER_URL: list[str] = [""]  # set by the redis_cluster fixture
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A private Redis Cluster: 3 masters with 2 replicas each (so a master can be killed and
+    its promoted replica still has one), 1 s node timeout; ended by its pids."""
+    if not cluster_installed():
+        if IN_CI:
+            pytest.fail("redis-server and redis-cli are needed for the Redis Cluster tests")
+        pytest.skip("redis-server not installed")
+    servers = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        servers.start(masters=3, replicas=2)
+        CLUSTER_URL[0] = servers.url
+        yield servers
+    finally:
+        servers.stop()
+
+
+async def delete_prefixed_cluster(url: str, prefix: str) -> None:
+    """Delete a test's keys on every master of a cluster."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    hosts = url.partition("://")[2].split(",")
+    nodes = [ClusterNode(h.rpartition(":")[0], int(h.rpartition(":")[2])) for h in hosts]
+    client = RedisCluster(startup_nodes=nodes)
+    try:
+        await client.initialize()
+        for node in client.get_primaries():
+            keys = [
+                key
+                async for key in client.scan_iter(match=f"{prefix}*", count=1000, target_nodes=node)
+            ]
+            for key in keys:
+                await client.delete(key)
+    finally:
+        await client.aclose()
+
+
+# The modules whose make_app tests run on the Redis Cluster too; elsewhere the "redis-cluster"
+# parameter is deselected (those tests read keys on the single test Redis, or were not yet
+# checked on a cluster).
+CLUSTER_MODULES = frozenset({"test_contract"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_cluster = callspec is not None and callspec.params.get("transport") == "redis-cluster"
+        module = item.module.__name__ if item.module is not None else ""
+        (dropped if on_cluster and module not in CLUSTER_MODULES else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture(params=sorted(TRANSPORTS))
@@ -120,9 +222,16 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def make_app(transport: str, key_prefix: str) -> AsyncIterator[AppFactory]:
+async def make_app(
+    transport: str, key_prefix: str, request: pytest.FixtureRequest
+) -> AsyncIterator[AppFactory]:
     """Builds apps on the parametrized transport; closes them and deletes their keys after."""
     needs, kwargs_for = TRANSPORTS[transport]
+    cluster_url = None
+    if "amqp-cluster" in needs:
+        cluster_url = request.getfixturevalue("rabbit_cluster").url()
+    if "redis-cluster" in needs:
+        request.getfixturevalue("redis_cluster")
     if "redis" in needs:
         require_server(REDIS_URL, "Redis")
     if "amqp" in needs:
@@ -131,6 +240,8 @@ async def make_app(transport: str, key_prefix: str) -> AsyncIterator[AppFactory]
 
     def factory(name: str = "contract", **extra: Any) -> App:
         kwargs = {**kwargs_for(key_prefix), **extra}
+        if cluster_url is not None:
+            kwargs.setdefault("broker", cluster_url)
         app = App(name, **kwargs)
         apps.append(app)
         return app
@@ -138,7 +249,9 @@ async def make_app(transport: str, key_prefix: str) -> AsyncIterator[AppFactory]
     yield factory
     for app in apps:
         await app.close()
-    if "redis" in needs or "redis" in transport:
+    if "redis-cluster" in needs:
+        await delete_prefixed_cluster(CLUSTER_URL[0], key_prefix)
+    elif "redis" in needs or "redis" in transport:
         await delete_prefixed(REDIS_URL, key_prefix)
 
 
@@ -224,3 +337,58 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
+    """Three private RabbitMQ nodes joined into a cluster, started once (about 12 s here) and
+    stopped at the end of the session; only with AIOQUEUE_TEST_CLUSTER=1 (make test-cluster)."""
+    if not WITH_CLUSTER:
+        pytest.skip("the RabbitMQ cluster tests run with `make test-cluster`")
+    if not Path(CLUSTER_SERVER).exists() or shutil.which("erl") is None:
+        if IN_CI:
+            pytest.fail("rabbitmq-server is needed for the cluster tests")
+        pytest.skip("rabbitmq-server not installed")
+    cluster = RabbitCluster(tmp_path_factory.mktemp("rabbit-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+# -- the CLI subprocess tests' brokers and client app ------------------------------------------
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """CLI tests: Redis or RabbitMQ as the broker; results in Redis either way."""
+    url = REDIS_URL if request.param == "redis" else AMQP_URL
+    require_server(url, request.param)
+    require_server(REDIS_URL, "Redis")
+    return url
+
+
+@pytest.fixture
+async def client(broker_url: str, key_prefix: str) -> AsyncIterator[App]:
+    """The test's side of ``broker_url``: sends, reads results; its keys deleted after."""
+    app = App(
+        "client",
+        broker=broker_url,
+        backend=REDIS_URL,
+        key_prefix=key_prefix,
+        amqp_delete_queues_on_close=True,
+    )
+    async with app:
+        yield app
+    await delete_prefixed(REDIS_URL, key_prefix)
+
+
+@pytest.fixture(params=["redis", "amqp-rpc"])
+def urls(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(broker, results): Redis for both, or RabbitMQ alone with ``rpc://`` results."""
+    if request.param == "redis":
+        require_server(REDIS_URL, "Redis")
+        return REDIS_URL, REDIS_URL
+    require_server(AMQP_URL, "RabbitMQ")
+    return AMQP_URL, "rpc://"

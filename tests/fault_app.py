@@ -80,12 +80,17 @@ async def work(task_id: str, seconds: float = 0.0) -> list[Any]:
 
 async def stall(task_id: str, first: float, gate: str) -> int:
     """First run: sleep ``first`` s (the test freezes the worker meanwhile); later runs
-    wait until the test sets the gate key. Returns the pid of the run that finished."""
-    note("start", task_id)
+    wait until the test sets the gate key. Returns the pid of the run that finished.
+
+    "start" is noted once the run has counted itself: a worker frozen between the two would
+    otherwise count second after waking, and wait for a gate the test opens only later.
+    """
     prefix = f"{app.conf.key_prefix}:fault"  # the worker's app: this runs in a worker
     client = aioredis.Redis.from_url(app.conf.broker_url)
     try:
-        if int(await client.incr(f"{prefix}:runs:{task_id}")) == 1:
+        run = int(await client.incr(f"{prefix}:runs:{task_id}"))
+        note("start", task_id)
+        if run == 1:
             await asyncio.sleep(first)
         else:
             deadline = time.monotonic() + 30.0

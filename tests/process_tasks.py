@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import os
 import time
 
-from aioqueue import App
+from aioqueue import App, Context
 
 app = App("process-tasks")
 
@@ -41,6 +43,36 @@ def print_and_return(value: str) -> str:
     return value
 
 
-PROCESS_FUNCTIONS = (square, whoami, fail, die_if_first, nap, print_and_return)
+def days_between(start: datetime.date, amounts: list[decimal.Decimal]) -> decimal.Decimal:
+    """Typed arguments rebuilt in the child: a date and Decimals, not their JSON strings."""
+    assert isinstance(start, datetime.date) and all(isinstance(a, decimal.Decimal) for a in amounts)
+    return sum(amounts, decimal.Decimal(0)) + (datetime.date(2026, 12, 1) - start).days
+
+
+PROCESS_FUNCTIONS = (square, whoami, fail, die_if_first, nap, print_and_return, days_between)
 for _fn in PROCESS_FUNCTIONS:
     app.task(executor="process")(_fn)
+
+
+def bound_retry(ctx: Context, n: int) -> tuple[int, str, int, bool]:
+    """A bound process task: retries twice through ctx.retry, then reports its context."""
+    if ctx.retries < 2:
+        ctx.retry(countdown=0.01)
+    return n, ctx.id, ctx.retries, ctx.is_eager
+
+
+app.task(executor="process", bind=True)(bound_retry)
+
+
+def report_progress(ctx: Context, steps: int, go_file: str) -> int:
+    """Reports PROGRESS 0, waits for ``go_file`` to exist, then reports 1..steps."""
+    ctx.update_state_blocking("PROGRESS", {"done": 0})
+    deadline = time.monotonic() + 20
+    while not os.path.exists(go_file) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for done in range(1, steps + 1):
+        ctx.update_state_blocking("PROGRESS", {"done": done})
+    return steps
+
+
+app.task(executor="process", bind=True)(report_progress)

@@ -154,6 +154,31 @@ async def test_nack_raises_broker_error(
         assert "guest:guest" not in str(caught.value)
 
 
+async def test_publisher_confirms_off_really_sends_unconfirmed(
+    own_vhost: tuple[str, str], amqp_app: AppMaker, key_prefix: str
+) -> None:
+    """amqp_publisher_confirms=False: no confirm is asked for, so a publish RabbitMQ refuses
+    is lost without an error (at-most-once, as documented), where a confirmed one raises."""
+    vhost, url = own_vhost
+    confirmed = amqp_app(broker=url)
+    unconfirmed = amqp_app(broker=url, amqp_publisher_confirms=False)
+    async with confirmed, unconfirmed:
+        await confirmed.tasks["amqp_cli_app.crash"].send()  # declares the queue
+        await rabbitmqctl(
+            *("set_policy", "-p", vhost, "--apply-to", "queues", f"{key_prefix}-full"),
+            f"^{key_prefix}\\.default$",
+            '{"max-length":1,"overflow":"reject-publish"}',
+        )
+        with pytest.raises(BrokerError, match="nack"):
+            for _ in range(50):  # the policy takes effect within moments
+                await confirmed.tasks["amqp_cli_app.crash"].send()
+        for _ in range(20):
+            await unconfirmed.tasks["amqp_cli_app.crash"].send()
+        broker = unconfirmed.broker
+        assert isinstance(broker, AmqpBroker)
+        assert await broker.queue_length("default") == 1
+
+
 async def test_lost_connection_fails_sends_loudly_and_sending_recovers(
     amqp_app: AppMaker, key_prefix: str
 ) -> None:

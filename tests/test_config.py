@@ -99,6 +99,7 @@ def test_environment_overrides_code(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIOQUEUE_RESULT_TTL", "12.5")
     monkeypatch.setenv("AIOQUEUE_TRACK_STARTED", "true")
     monkeypatch.setenv("AIOQUEUE_ACCEPT_CONTENT", "json,pickle")
+    monkeypatch.setenv("AIOQUEUE_SIGNING_KEY", "k" * 32)  # pickle needs signing
     app = App("env", broker="redis://127.0.0.1:6379/0", result_ttl=3)
     assert app.conf.broker_url == "memory://from-env"
     assert app.conf.result_ttl == 12.5

@@ -118,12 +118,24 @@ def tasks(sender: App) -> FaultTasks:
 async def send_batches(
     app: App, tasks: FaultTasks, ids: list[str], seconds: float, size: int = 500
 ) -> list[str]:
-    """Send ``work(tid, seconds)`` under each id, ``size`` per round trip; returns the ids sent."""
+    """Send ``work(tid, seconds)`` under each id, ``size`` per round trip; returns the ids sent.
+
+    Published as messages that carry the id but no claim (``task_id=`` would claim each id on
+    the result backend first): what these tests break is the broker and the worker, and a send
+    during a backend outage must still reach the broker.
+    """
+    broker = await app.ready_broker()
+    reply_to = app.backend.reply_to()
+    queue = tasks.work.queue or app.conf.default_queue
     sent: list[str] = []
     for start in range(0, len(ids), size):
         chunk = ids[start : start + size]
-        calls = [tasks.work.options(task_id=tid).s(tid, seconds) for tid in chunk]
-        await app.send_batch(tasks.work, calls, None)
+        now = time.time()
+        messages = [
+            Message(tid, tasks.work.name, queue, (tid, seconds), reply_to=reply_to, sent_at=now)
+            for tid in chunk
+        ]
+        await broker.publish_many([(queue, app.codec.encode(m), None) for m in messages])
         sent.extend(chunk)
     return sent
 

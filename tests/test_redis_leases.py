@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(30)
 @pytest.fixture
 def app(redis_url: str, key_prefix: str, redis_cleanup: None) -> App:
     return App(
-        "leases",
+        f"leases-{key_prefix}",  # its own client names: a test kills only its own connections
         broker=redis_url,
         key_prefix=key_prefix,
         worker_heartbeat_interval=0.1,
@@ -204,7 +204,9 @@ async def test_a_lost_wait_reply_is_reconciled_from_the_processing_list(
             _, body = _encoded(app, job.name, 7)
             processing = f"{key_prefix}:{{default}}:processing:lossy"
             clients = await raw.client_list()
-            blocking = [c for c in clients if c.get("name", "").endswith(":blocking")]
+            mine = f"aioqueue:{app.name}:blocking"
+            blocking = [c for c in clients if c.get("name", "") == mine]
+            assert blocking, f"no connection named {mine}"
             await raw.lpush(processing, body)
             for client in blocking:
                 await raw.client_kill_filter(_id=client["id"])

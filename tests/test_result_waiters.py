@@ -7,6 +7,7 @@ outage test runs a private redis-server it starts and kills by pid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,13 +27,14 @@ from conftest import (
 )
 from redis import exceptions as redis_errors
 
-from aioqueue import App, AsyncResult, ResultBackendError, ResultTimeout
+from aioqueue import App, AsyncResult, ResultBackendError, ResultTimeout, TaskNotRegistered
 from aioqueue._redis import Commands
 from aioqueue.backends._listener import parse_reply
 from aioqueue.backends._pushcache import PushCache
 from aioqueue.backends.redis import RedisBackend
 from aioqueue.backends.rpc import RpcBackend, _Received
 from aioqueue.message import Outcome, States
+from aioqueue.operations import list_dead, requeue_dead
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,14 +92,20 @@ async def test_5000_foreign_waiters_use_a_bounded_number_of_connections(
                 await asyncio.sleep(0.02)
 
         sampler = asyncio.create_task(sample())
-        waiting = [asyncio.create_task(reader.AsyncResult(i).get(timeout=40)) for i in ids]
-        await asyncio.sleep(0)  # let every waiter start before the rest are stored
-        for task_id in ids[1::2]:
-            await writer.backend.store(
-                task_id, success(writer, task_id, task_id), ttl=60, reply_to=None
-            )
-        values = await asyncio.gather(*waiting)
-        sampler.cancel()
+        try:
+            waiting = [asyncio.create_task(reader.AsyncResult(i).get(timeout=40)) for i in ids]
+            await asyncio.sleep(0)  # let every waiter start before the rest are stored
+            for task_id in ids[1::2]:
+                await writer.backend.store(
+                    task_id, success(writer, task_id, task_id), ttl=60, reply_to=None
+                )
+            values = await asyncio.gather(*waiting)
+        finally:
+            # ended here, not by the loop's teardown: a sampler cancelled in the middle of a
+            # command while the ``raw`` fixture closes its client hung the teardown (60 s)
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         assert values == ids
         assert 1 <= peak <= 3, peak
 
@@ -221,6 +229,37 @@ async def test_forget_clears_every_local_copy(make_app: AppFactory) -> None:
         with pytest.raises((ResultTimeout, ResultBackendError)):
             await other.get(timeout=0.2)
         assert await other.state() == States.PENDING
+
+
+@pytest.mark.parametrize("transport", ["redis", "amqp-redis"])
+async def test_a_requeue_elsewhere_clears_the_failure_pushed_here(make_app: AppFactory) -> None:
+    """A dead letter requeued by another process (an operator's CLI) runs again under its id:
+    the sender, which had the old failure pushed to it, must wait for the new run, not keep
+    answering the failure from its copy."""
+    sender, operator = make_app("sender"), make_app("operator")
+    async with sender, operator:
+        async with running_worker(operator):  # "waiters.late" is not registered there yet
+            result = await sender.send_task("waiters.late", [5])
+            with pytest.raises(TaskNotRegistered):
+                await result.get(timeout=10)
+
+            async def dead_lettered() -> bool:
+                return len(await list_dead(operator, "default")) == 1
+
+            await wait_until(dead_lettered)
+
+        @operator.task(name="waiters.late")
+        async def late(n: int) -> int:
+            return n * 10
+
+        assert await requeue_dead(operator, "default", frozenset({result.id})) == 1
+
+        async def forgotten_here() -> bool:
+            return await result.state() != States.FAILURE
+
+        await wait_until(forgotten_here, timeout=5)
+        async with running_worker(operator):
+            assert await result.get(timeout=10) == 50
 
 
 @pytest.mark.parametrize("transport", ["memory", "amqp-rpc", "redis", "amqp-redis"])
@@ -656,7 +695,8 @@ async def test_listener_resubscribes_then_rereads_after_a_reconnect(
 
     await wait_until(resubscribed)
     (command,) = server.conn.commands
-    assert command == ["SUBSCRIBE", "p:done:foreign", backend.listener.channel]  # reply last
+    reply_last = ["SUBSCRIBE", "p:done:foreign", "p:forgotten", backend.listener.channel]
+    assert command == reply_last
     assert not pushed.done() and not foreign.done()  # nothing is read before it is in place
     server.conn.confirm_all()
     assert await pushed == b"P" and await foreign == b"F"

@@ -314,3 +314,31 @@ async def test_an_expired_message_stays_revoked_for_a_waiter_that_comes_later() 
         assert await handle.state() == States.REVOKED
         with pytest.raises(TaskRevoked):
             await handle.get(timeout=5)
+
+
+async def test_a_task_due_within_the_hold_never_starts_before_its_eta_by_the_wall_clock() -> None:
+    """A message due within ETA_HOLD is waited out in its slot on the loop's monotonic clock;
+    etas are wall-clock times. A wall clock running behind the monotonic one (slewed by NTP,
+    here 10% slow) used to start the task before its eta; the wait looks at the clock again."""
+    from aioqueue.message import Message
+
+    app = App("eta-hold", broker="memory://")
+    m0, base = time.monotonic(), time.time()
+    app.clock = lambda: base + (time.monotonic() - m0) * 0.9
+    started: list[float] = []
+
+    @app.task
+    async def mark() -> None:
+        started.append(app.clock())
+
+    async with app, running_worker(app):
+        eta = app.clock() + 0.2
+        queue = app.conf.default_queue
+        message = Message(id="hold-1", task=mark.name, queue=queue, eta=eta)
+        await app.broker.publish(queue, app.codec.encode(message))  # straight to the queue
+
+        async def ran() -> bool:
+            return bool(started)
+
+        await wait_until(ran, timeout=10)
+    assert started[0] >= eta, f"started {eta - started[0]:.4f}s before its eta"

@@ -152,11 +152,24 @@ class WorkerSet:
         self.workers: list[WorkerProcess] = []
 
     async def start(
-        self, *args: str, name: str | None = None, app_path: str = APP_PATH, ready: bool = True
+        self,
+        *args: str,
+        name: str | None = None,
+        app_path: str = APP_PATH,
+        ready: bool = True,
+        subcommand: str = "worker",
     ) -> WorkerProcess:
-        """Start ``aioqueue worker <app_path> <args>``; by default wait until it consumes."""
+        """Start ``aioqueue worker <app_path> <args>`` (or another ``subcommand``, such as
+        ``beat``); by default wait until it consumes."""
         name = name or f"worker{len(self.workers)}"
-        command: Sequence[str] = [sys.executable, "-m", "aioqueue.cli", "worker", app_path, *args]
+        command: Sequence[str] = [
+            sys.executable,
+            "-m",
+            "aioqueue.cli",
+            subcommand,
+            app_path,
+            *args,
+        ]
         stdout_path = self.log_dir / f"{name}.stdout"
         stderr_path = self.log_dir / f"{name}.stderr"
         with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:

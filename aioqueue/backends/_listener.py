@@ -10,6 +10,9 @@ that nothing but this module subscribes, reconnects or resubscribes on it:
   to the socket themselves (a waiter cancelled mid-write would otherwise tear the connection
   down for everyone), and whatever changed since its last write goes out as one command.
 
+The listener also hears ``<prefix>:forgotten``: ``forget()`` anywhere (a requeued dead letter
+is forgotten before it runs again) drops this process's pushed copy of that id.
+
 Subscriptions to ``<prefix>:done:<id>`` are reference-counted: two waiters on one id share one
 subscription, and the last to leave ends it. Each waiter has a future of its own, so one
 waiter's timeout never touches another.
@@ -37,13 +40,18 @@ from hiredis import pack_command
 from ..errors import ResultBackendError
 from ._pushcache import DEFAULT_MAX_BYTES, PushCache
 
-__all__ = ["DEFAULT_REPLY_TTL", "ResultListener", "parse_reply"]
+__all__ = ["DEFAULT_REPLY_TTL", "ResultListener", "forgotten_channel", "parse_reply"]
 
 log = logging.getLogger("aioqueue.backend.redis")
 
 DEFAULT_REPLY_TTL = 86400.0
 """How long an outcome pushed in the old frame format (no TTL in it) serves waits here."""
 _CHANNELS_PER_COMMAND = 5000
+
+
+def forgotten_channel(key_prefix: str) -> str:
+    """Where ``forget()`` announces an id, so every listener drops its pushed copy."""
+    return f"{key_prefix}:forgotten"
 
 
 def parse_reply(data: bytes) -> tuple[str, float | None, bytes]:
@@ -95,6 +103,8 @@ class ResultListener:
         self._new_connection = new_connection
         self._fetch = fetch
         self._channel_bytes = self.channel.encode()
+        self._forgotten = forgotten_channel(key_prefix)
+        self._forgotten_bytes = self._forgotten.encode()
         self._done_prefix = f"{key_prefix}:done:"
         self._done_prefix_bytes = self._done_prefix.encode()
         self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
@@ -256,6 +266,8 @@ class ResultListener:
                 self.wake(task_id, outcome)
             elif channel.startswith(self._done_prefix_bytes):
                 self._fetch((channel[len(self._done_prefix_bytes) :].decode(),))
+            elif channel == self._forgotten_bytes:
+                self.cache.pop(data.decode())
         elif kind == b"subscribe":
             if channel == self._channel_bytes:
                 self._on_listening()
@@ -312,7 +324,8 @@ class ResultListener:
             sub.sent = True
             self._confirming.setdefault(name.encode(), deque()).append(sub.confirmed)
         if fresh:
-            subscribe.append(self.channel)  # last: its confirmation means all are in place
+            # last: the reply channel's confirmation means all are in place
+            subscribe += [self._forgotten, self.channel]
         commands = [_pack("UNSUBSCRIBE", *c) for c in _chunks(unsubscribe)]
         commands += [_pack("SUBSCRIBE", *c) for c in _chunks(subscribe)]
         if self._ping:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ..brokers.base import Delivery
 
-__all__ = ["ListensForReplies", "ResultBackend", "StoresWithAck"]
+__all__ = [
+    "ClaimsTaskIds",
+    "LeasesSteps",
+    "ListensForReplies",
+    "ResultBackend",
+    "StoresWithAck",
+    "Watches",
+]
 
 
 class ResultBackend(Protocol):
@@ -48,7 +56,8 @@ class ResultBackend(Protocol):
     async def store_state(
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None = None
     ) -> None:
-        """Store an intermediate state (RECEIVED, STARTED); wakes no ``get()`` waiter.
+        """Store an intermediate state (RECEIVED, STARTED, PROGRESS...) and push it to watchers
+        (:class:`Watches`); wakes no ``get()`` waiter.
 
         ``reply_to`` lets a backend that cannot be read by id (``rpc://``) push it to the
         sender; a backend that stores by id ignores it.
@@ -87,10 +96,18 @@ class StoresWithAck(Protocol):
         """True when ``broker``'s deliveries can be acked together with this backend's stores."""
 
     async def store_and_ack(
-        self, delivery: Delivery, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
+        self,
+        delivery: Delivery,
+        task_id: str,
+        outcome: bytes,
+        *,
+        ttl: float,
+        reply_to: str | None,
+        claim_ttl: float | None = None,
     ) -> bool:
         """Store (first wins), then ack, in one step; False if the message was no longer the
-        worker's (its lease was taken over): the first outcome stored for the task stands."""
+        worker's (its lease was taken over): the first outcome stored for the task stands.
+        ``claim_ttl`` as in :meth:`ClaimsTaskIds.store`."""
 
 
 @runtime_checkable
@@ -103,3 +120,71 @@ class ListensForReplies(Protocol):
 
     async def start_listening(self) -> None:
         """Subscribe this process's reply channel (or declare its reply queue) now."""
+
+
+@runtime_checkable
+class ClaimsTaskIds(Protocol):
+    """Optional: a backend that can take a task id atomically, so a second send enqueues nothing.
+
+    Only sends that ask for it (an explicit ``task_id``, a ``unique_for`` task) claim, and only
+    their messages carry the envelope's ``claim`` field; so ``store`` and ``store_and_ack`` get
+    ``claim_ttl`` only for those, and a plain message costs nothing extra anywhere.
+    """
+
+    async def claim(self, task_id: str, ttl: float, *, fresh: bool) -> bool:
+        """Take ``task_id`` for ``ttl`` seconds; False if it is held already.
+
+        ``fresh=False`` (an explicit id): a result still kept for the id also refuses the claim.
+        ``fresh=True`` (``unique_for``, an id derived from the arguments): an earlier run's
+        result under the id is deleted instead, so this run's outcome can be stored.
+        """
+
+    async def end_claim(self, task_id: str, claim_ttl: float) -> None:
+        """Keep the claim ``claim_ttl`` more seconds from now, or release it now if 0."""
+
+    async def store(
+        self,
+        task_id: str,
+        outcome: bytes,
+        *,
+        ttl: float,
+        reply_to: str | None,
+        claim_ttl: float | None = None,
+    ) -> None:
+        """``ResultBackend.store``, and with ``claim_ttl`` the claim's end set in the same step."""
+
+
+@runtime_checkable
+class LeasesSteps(Protocol):
+    """Optional: a backend that leases a workflow step's run, so two copies of one step (a
+    worker died between publishing the next step and acking its own) never both run.
+
+    Used only where a step's follow-ups are not settled in one script with its ack (RabbitMQ,
+    or results on another Redis than the broker's); plain tasks never take a lease.
+    """
+
+    async def take_step(self, task_id: str, run: int, token: str, lease: float) -> float:
+        """Take the run ``run`` (its retry count) of step ``task_id`` for ``lease`` seconds:
+        0.0 when taken (or already held by ``token``), -1.0 when its final outcome is stored,
+        else the seconds until its holder's lease ends (a dead holder's lapses)."""
+
+    async def renew_step(self, task_id: str, run: int, token: str, lease: float) -> bool:
+        """Keep the lease ``lease`` more seconds if ``token`` still holds it."""
+
+
+@runtime_checkable
+class ReadsMany(Protocol):
+    """Optional: a backend that reads many outcomes in a few round trips (a workflow's tree)."""
+
+    async def get_many(self, task_ids: Sequence[str]) -> list[bytes | None]:
+        """What ``get`` returns for each id, in order."""
+
+
+@runtime_checkable
+class Watches(Protocol):
+    """Optional: a backend that pushes every state change of a task (``result.watch()``)."""
+
+    def watch(self, task_id: str, token: object = None) -> AsyncIterator[bytes]:
+        """The stored outcome (if any), then each state stored after it, ending with the final
+        one; pushed, never polled. Nothing stored between the subscription and the first read
+        is missed. A state equal to the one before it is not repeated."""

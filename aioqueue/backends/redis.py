@@ -4,7 +4,16 @@ Keys and channels under prefix ``p``::
 
     p:result:<id>        string   final outcome (SUCCESS / FAILURE), expires after result_ttl
     p:state:<id>         string   latest intermediate state (RECEIVED / STARTED)
+    p:claim:<id>         string   the id is taken (task_id= / unique_for sends only): a second
+                                  send enqueues nothing; its TTL is set when the outcome is stored
+    p:chord:<id>         set      ids of a chord's members counted so far (workflows)
+    p:chord-sent:<id>    string   the chord's callback was sent
+    p:step:<id>:<n>      string   a workflow step's run n (its retries) is taken, by the token
+                                  kept here: its worker renews the lease while it runs (RabbitMQ
+                                  brokers; see ``canvas/flows.py``)
     p:done:<id>          channel  a worker publishes here when <id> is stored (any waiter)
+    p:watch:<id>         channel  each intermediate state as it is stored (``result.watch()``;
+                                  a PUBLISH nobody subscribes to costs Redis a hash lookup)
     p:reply:<client>     channel  a worker publishes ``<id> <ttl seconds> <outcome>`` here for
                                   the process that sent the task (named in its reply_to)
 
@@ -28,17 +37,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Iterable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from redis import exceptions as redis_errors
 
-from .._redis import CommandBatcher, Commands, Script, connect_redis, redis_errors_as
+from .._redis import (
+    SOCKET_TIMEOUT,
+    CommandBatcher,
+    Commands,
+    Script,
+    connect_redis,
+    new_batcher,
+    redis_errors_as,
+)
 from ..config import mask_url
 from ..errors import ResultBackendError, ResultTimeout
 from ..message import MAX_RESULT_TTL, is_valid_ttl
-from ._listener import ResultListener
+from ._listener import ResultListener, forgotten_channel
 
 if TYPE_CHECKING:
     from ..brokers.base import Delivery
@@ -57,8 +75,63 @@ if redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3], 'NX') then
   if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5] .. ARGV[2]) end
   redis.call('PUBLISH', ARGV[6], '')
 end
+if KEYS[3] then
+  if ARGV[7] == '0' then redis.call('DEL', KEYS[3]) else redis.call('PEXPIRE', KEYS[3], ARGV[7]) end
+end
 redis.call('LREM', KEYS[1], -1, ARGV[1])
 return 1
+"""
+)
+
+# Claim KEYS[1] for ARGV[1] ms unless it is held; ARGV[2] '1' (fresh: unique_for) deletes an
+# earlier run's result KEYS[2] and state KEYS[3], else a result still kept refuses the claim.
+_CLAIM = Script(
+    """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[2], KEYS[3])
+elseif redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+return 1
+"""
+)
+
+# A chord's join: add member ARGV[1] to set KEYS[1] (once, whatever reruns), keep it ARGV[3] ms;
+# 1 when all ARGV[2] members are in and the callback was not sent (KEYS[2] is unset).
+_CHORD_JOIN = Script(
+    """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) and redis.call('EXISTS', KEYS[2]) == 0 then
+  return 1
+end
+return 0
+"""
+)
+
+# A workflow step's lease: -1 when its result KEYS[2] is stored; else 0 when step key KEYS[1]
+# is set to token ARGV[1] for ARGV[2] ms, or held by that token already; else its PTTL.
+_TAKE_STEP = Script(
+    """
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return 0 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 0
+end
+local left = redis.call('PTTL', KEYS[1])
+if left < 1 then return 1 end
+return left
+"""
+)
+
+# Renew a step's lease KEYS[1] by ARGV[2] ms if token ARGV[1] still holds it.
+_RENEW_STEP = Script(
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
 """
 )
 
@@ -66,6 +139,7 @@ log = logging.getLogger("aioqueue.backend.redis")
 
 T = TypeVar("T")
 _FETCH_CHUNK = 1000  # keys per MGET when many waiters need a read at once
+_MARKER = b"\x00watch:"  # a watcher's own marker; an outcome never starts with a NUL
 
 
 class RedisBackend:
@@ -85,10 +159,20 @@ class RedisBackend:
         self.client = connect_redis(
             url, connect_timeout=connect_timeout, client_name=f"{client_name}:results"
         )
-        self.batcher = CommandBatcher(self.client, self.errors)
+        self.batcher = new_batcher(self.client, self.errors, url)
+        # On a cluster a task's keys share a {task_id} hash tag, so the claim script and the
+        # result-or-state read see one slot; a single server keeps the plain names.
+        cluster = not isinstance(self.batcher, CommandBatcher)
+        self._open, self._close = ("{", "}") if cluster else ("", "")
         self._listener: ResultListener | None = None
         self._to_fetch: set[str] = set()
         self._fetcher: asyncio.Task[None] | None = None
+
+    @property
+    def connect_url(self) -> str:
+        """The URL with its password, for other clients of the same Redis (schedule claims
+        under an AMQP broker); ``url`` is the masked one. Never log this."""
+        return self._raw_url
 
     def errors(self) -> contextlib.AbstractContextManager[None]:
         return redis_errors_as(
@@ -96,10 +180,13 @@ class RedisBackend:
         )
 
     def _result_key(self, task_id: str) -> str:
-        return f"{self.key_prefix}:result:{task_id}"
+        return f"{self.key_prefix}:result:{self._open}{task_id}{self._close}"
 
     def _state_key(self, task_id: str) -> str:
-        return f"{self.key_prefix}:state:{task_id}"
+        return f"{self.key_prefix}:state:{self._open}{task_id}{self._close}"
+
+    def _claim_key(self, task_id: str) -> str:
+        return f"{self.key_prefix}:claim:{self._open}{task_id}{self._close}"
 
     @property
     def listener(self) -> ResultListener:
@@ -118,6 +205,10 @@ class RedisBackend:
         Built like the pool builds its connections, but always RESP2: the listener reads
         pub/sub frames as plain arrays.
         """
+        if not isinstance(self.batcher, CommandBatcher):
+            from .._redis_cluster import subscriber_connection
+
+            return subscriber_connection(self.client, self._raw_url, SOCKET_TIMEOUT)
         pool = self.client.connection_pool
         return pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
 
@@ -138,7 +229,13 @@ class RedisBackend:
         return listener.token() if listener is not None else None
 
     def stage_store(
-        self, pipe: Commands, task_id: str, outcome: bytes, ttl: float, reply_to: str | None
+        self,
+        pipe: Commands,
+        task_id: str,
+        outcome: bytes,
+        ttl: float,
+        reply_to: str | None,
+        claim_ttl: float | None = None,
     ) -> None:
         """A final store as one transaction: SET NX (the first outcome wins), then the pushes.
 
@@ -153,17 +250,93 @@ class RedisBackend:
         if reply_to is not None:
             pipe.publish(reply_to, f"{task_id} {ttl!r} ".encode() + outcome)
         pipe.publish(f"{self.key_prefix}:done:{task_id}", b"")
+        if claim_ttl is not None:
+            self._stage_end_claim(pipe, task_id, claim_ttl)
+
+    def _stage_end_claim(self, pipe: Commands, task_id: str, claim_ttl: float) -> None:
+        """PEXPIRE the claim (a lapsed one stays lapsed: the result key guards it), or DEL it."""
+        px = _claim_px(claim_ttl)
+        if px:
+            pipe.pexpire(self._claim_key(task_id), px)
+        else:
+            pipe.delete(self._claim_key(task_id))
 
     async def store(
-        self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
+        self,
+        task_id: str,
+        outcome: bytes,
+        *,
+        ttl: float,
+        reply_to: str | None,
+        claim_ttl: float | None = None,
     ) -> None:
         """Store a final outcome unless one is stored already (first wins), and wake waiters."""
 
         def stage(pipe: Commands) -> None:
-            self.stage_store(pipe, task_id, outcome, ttl, reply_to)
+            self.stage_store(pipe, task_id, outcome, ttl, reply_to, claim_ttl)
             pipe.exec()
 
         await self.batcher.run(stage)
+
+    def _step_key(self, task_id: str, run: int) -> str:
+        return f"{self.key_prefix}:step:{self._open}{task_id}{self._close}:{run}"
+
+    async def take_step(self, task_id: str, run: int, token: str, lease: float) -> float:
+        """One script call (see ``LeasesSteps``): the step key SET NX with a PX lease, unless
+        the step's result is stored or another token holds it."""
+        keys = [self._step_key(task_id, run), self._result_key(task_id)]
+        found = int(await _TAKE_STEP.run(self.batcher, keys, [token, _px(lease)]))
+        return -1.0 if found < 0 else found / 1000
+
+    async def renew_step(self, task_id: str, run: int, token: str, lease: float) -> bool:
+        keys = [self._step_key(task_id, run)]
+        return bool(await _RENEW_STEP.run(self.batcher, keys, [token, _px(lease)]))
+
+    def chord_keys(self, chord_id: str) -> list[str]:
+        """A chord's member set and its callback's sent marker (see ``canvas/redis_settle.py``)."""
+        return [f"{self.key_prefix}:chord:{chord_id}", f"{self.key_prefix}:chord-sent:{chord_id}"]
+
+    def result_key(self, task_id: str) -> str:
+        return self._result_key(task_id)
+
+    def store_arguments(self, task_id: str, ttl: float, reply_to: str | None) -> list[Any]:
+        """The reply channel (or ''), push head and done channel of a store, for a script."""
+        return self._store_arguments(task_id, b"", ttl, reply_to)[2:]
+
+    @staticmethod
+    def px(ttl: float) -> int:
+        return _px(ttl)
+
+    async def chord_join(self, chord_id: str, member_id: str, total: int, ttl: float) -> bool:
+        """Count ``member_id`` once in the chord (one script: atomic across workers); True
+        when all ``total`` are in and the callback was not sent yet."""
+        keys = self.chord_keys(chord_id)
+        return bool(await _CHORD_JOIN.run(self.batcher, keys, [member_id, total, _px(ttl)]))
+
+    async def chord_sent(self, chord_id: str, ttl: float) -> None:
+        key, px = self.chord_keys(chord_id)[1], _px(ttl)
+
+        def stage(pipe: Commands) -> None:
+            pipe.set(key, b"1", px=px)
+
+        await self.batcher.run(stage)
+
+    async def broadcast(self, task_id: str, outcome: bytes, *, ttl: float) -> int:
+        """Push an outcome to every listening client's reply channel; returns how many.
+
+        For an outcome stored by someone other than the worker that ran the task (a revoke):
+        the process that sent it waits on its reply channel alone, and no worker will push
+        there until it takes the message. Rare, so one PUBSUB CHANNELS per call is fine.
+        """
+        frame = f"{task_id} {ttl!r} ".encode() + outcome
+        with self.errors():
+            channels = await self.client.pubsub_channels(f"{self.key_prefix}:reply:*")
+            if channels:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for channel in channels:
+                        pipe.publish(channel, frame)
+                    await pipe.execute()
+        return len(channels)
 
     def shares_server_with(self, broker: object) -> bool:
         """True when ``broker`` is a Redis broker on this very server and database."""
@@ -172,7 +345,14 @@ class RedisBackend:
         return isinstance(broker, RedisBroker) and broker.same_server(self._raw_url)
 
     async def store_and_ack(
-        self, delivery: Delivery, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
+        self,
+        delivery: Delivery,
+        task_id: str,
+        outcome: bytes,
+        *,
+        ttl: float,
+        reply_to: str | None,
+        claim_ttl: float | None = None,
     ) -> bool:
         """Store (first wins) and ack in one step on the broker's own Redis.
 
@@ -185,16 +365,17 @@ class RedisBackend:
         """
         redis_delivery = cast("_RedisDelivery", delivery)
         if redis_delivery.lease_in_doubt:
-            held = await _FENCED_STORE_AND_ACK.run(
-                self.batcher,
-                [redis_delivery.processing, self._result_key(task_id)],
-                [redis_delivery.body, *self._store_arguments(task_id, outcome, ttl, reply_to)],
-            )
+            keys = [redis_delivery.processing, self._result_key(task_id)]
+            args = [redis_delivery.body, *self._store_arguments(task_id, outcome, ttl, reply_to)]
+            if claim_ttl is not None:
+                keys.append(self._claim_key(task_id))
+                args.append(_claim_px(claim_ttl))
+            held = await _FENCED_STORE_AND_ACK.run(self.batcher, keys, args)
             redis_delivery.settled()
             return bool(held)
 
         def stage(pipe: Commands) -> None:
-            self.stage_store(pipe, task_id, outcome, ttl, reply_to)
+            self.stage_store(pipe, task_id, outcome, ttl, reply_to, claim_ttl)
             redis_delivery.stage_ack(pipe)
             pipe.exec()
 
@@ -213,11 +394,96 @@ class RedisBackend:
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None = None
     ) -> None:
         key, px = self._state_key(task_id), max(1, int(ttl * 1000))
+        channel = self._watch_channel(task_id)
 
         def stage(pipe: Commands) -> None:
+            # SET before PUBLISH, no transaction needed: a watcher's read that falls between
+            # them sees the new state, and its push, arriving after, repeats it (not yielded).
             pipe.set(key, outcome, px=px)
+            pipe.publish(channel, outcome)
 
         await self.batcher.run(stage)
+
+    def _watch_channel(self, task_id: str) -> str:
+        return f"{self.key_prefix}:watch:{task_id}"
+
+    async def watch(self, task_id: str, token: object = None) -> AsyncIterator[bytes]:
+        """Subscribe ``watch:<id>`` and ``done:<id>`` on a connection of its own, then read the
+        keys and publish a marker in one transaction: pushes before the marker are older than
+        the read, pushes after it newer, so the read slots in without loss or reordering.
+        After a lost connection it does the same again (a state skipped meanwhile is missed,
+        the latest is not)."""
+        seen: list[bytes | None] = [None]
+        backoff = 0.05
+        while True:
+            try:
+                async for outcome, final in self._watch_once(task_id, seen):
+                    yield outcome
+                    if final:
+                        return
+                    backoff = 0.05
+            except ResultBackendError as exc:
+                if _permanent(exc):
+                    raise
+                log.warning("watching %s: %s; subscribing again", task_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _subscribe_and_read(
+        self, pubsub: Any, task_id: str, watch: str, done: str, marker: bytes
+    ) -> tuple[bytes | None, bytes | None]:
+        """(final outcome, latest state) read after both subscriptions are confirmed, in one
+        transaction with the marker's PUBLISH."""
+        with self.errors():
+            await pubsub.subscribe(watch, done)
+            confirmed = 0
+            while confirmed < 2:
+                message = await pubsub.get_message(timeout=10.0)
+                if message is None:
+                    raise ConnectionError("no subscription confirmation within 10s")
+                confirmed += message["type"] == "subscribe"
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.get(self._result_key(task_id))
+                pipe.get(self._state_key(task_id))
+                pipe.publish(watch, marker)
+                stored, state, _ = await pipe.execute()
+        return stored, state
+
+    async def _watch_once(
+        self, task_id: str, seen: list[bytes | None]
+    ) -> AsyncIterator[tuple[bytes, bool]]:
+        watch, done = self._watch_channel(task_id), f"{self.key_prefix}:done:{task_id}"
+        marker = _MARKER + uuid.uuid4().hex.encode()
+        pubsub = self.client.pubsub()
+        try:
+            stored, state = await self._subscribe_and_read(pubsub, task_id, watch, done, marker)
+            done_bytes = done.encode()
+            while True:
+                with self.errors():
+                    message = await pubsub.get_message(timeout=30.0)
+                if message is None:
+                    continue
+                if message["type"] == "subscribe":  # redis-py subscribed again: start over
+                    raise ResultBackendError("the watch subscription was re-established")
+                if message["type"] != "message":
+                    continue
+                data: bytes | None = message["data"]
+                if message["channel"] == done_bytes or (data == marker and stored is not None):
+                    if message["channel"] == done_bytes:
+                        with self.errors():
+                            stored = await self.client.get(self._result_key(task_id))
+                    if stored is not None:
+                        yield stored, True
+                        return
+                    continue
+                if data == marker:
+                    data = state
+                if data is not None and not data.startswith(_MARKER) and data != seen[0]:
+                    seen[0] = data
+                    yield data, False
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
 
     async def get(self, task_id: str) -> bytes | None:
         listener = self._listener
@@ -228,6 +494,28 @@ class RedisBackend:
         keys = (self._result_key(task_id), self._state_key(task_id))
         final, state = await self.batcher.run(partial(_mget, keys=keys))
         return cast(bytes | None, final if final is not None else state)
+
+    async def get_many(self, task_ids: Sequence[str]) -> list[bytes | None]:
+        """:meth:`get` for each id, the reads ``_FETCH_CHUNK`` keys to an MGET."""
+        listener = self._listener
+        found: list[bytes | None] = [
+            listener.cache.get(task_id, known_ttl_only=True) if listener is not None else None
+            for task_id in task_ids
+        ]
+        missing = [i for i, value in enumerate(found) if value is None]
+        step = _FETCH_CHUNK // 2  # two keys per id: its final outcome, then its state
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]
+            keys = tuple(
+                key
+                for i in chunk
+                for key in (self._result_key(task_ids[i]), self._state_key(task_ids[i]))
+            )
+            values = await self.batcher.run(partial(_mget, keys=keys))
+            for n, i in enumerate(chunk):
+                final, state = values[2 * n], values[2 * n + 1]
+                found[i] = final if final is not None else state
+        return found
 
     def _fetch_soon(self, task_ids: Iterable[str]) -> None:
         """Read these ids' outcomes in the background and hand them to their waiters."""
@@ -303,10 +591,26 @@ class RedisBackend:
                 listener.release_done(task_id)
 
     async def forget(self, task_id: str) -> None:
+        """Delete the id's result, state and claim, and tell every process listening under this
+        prefix to drop its pushed copy (a requeued dead letter runs again under its id: a copy
+        of the old failure kept anywhere would answer ``get()`` in place of the new run)."""
         if self._listener is not None:
             self._listener.cache.pop(task_id)
-        keys = (self._result_key(task_id), self._state_key(task_id))
-        await self.batcher.run(partial(_delete, keys=keys))
+        keys = (self._result_key(task_id), self._state_key(task_id), self._claim_key(task_id))
+        channel = forgotten_channel(self.key_prefix)
+        await self.batcher.run(partial(_delete, keys=keys, notice=(channel, task_id)))
+
+    async def claim(self, task_id: str, ttl: float, *, fresh: bool) -> bool:
+        """One script call: the claim key SET unless held (or, for an explicit id, unless a
+        result is still kept); ``fresh`` deletes an earlier run's result instead."""
+        keys = [self._claim_key(task_id), self._result_key(task_id), self._state_key(task_id)]
+        taken = bool(await _CLAIM.run(self.batcher, keys, [_px(ttl), "1" if fresh else "0"]))
+        if taken and fresh and self._listener is not None:
+            self._listener.cache.pop(task_id)  # an earlier run's outcome pushed to us
+        return taken
+
+    async def end_claim(self, task_id: str, claim_ttl: float) -> None:
+        await self.batcher.run(partial(self._stage_end_claim, task_id=task_id, claim_ttl=claim_ttl))
 
     async def aclose(self) -> None:
         if self._fetcher is not None:
@@ -322,6 +626,11 @@ class RedisBackend:
         return f"RedisBackend({self.url!r}, key_prefix={self.key_prefix!r})"
 
 
+def _claim_px(claim_ttl: float) -> int:
+    """A claim's remaining life in ms for PEXPIRE; 0 means release it (DEL)."""
+    return 0 if claim_ttl <= 0 else max(1, int(claim_ttl * 1000))
+
+
 def _ping(pipe: Commands) -> None:
     pipe.ping()
 
@@ -334,8 +643,10 @@ def _mget(pipe: Commands, keys: tuple[str, ...]) -> None:
     pipe.mget(*keys)
 
 
-def _delete(pipe: Commands, keys: tuple[str, ...]) -> None:
+def _delete(pipe: Commands, keys: tuple[str, ...], notice: tuple[str, str]) -> None:
     pipe.delete(*keys)
+    channel, task_id = notice
+    pipe.publish(channel, task_id.encode())
 
 
 def _permanent(exc: ResultBackendError) -> bool:

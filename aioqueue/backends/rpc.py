@@ -5,6 +5,9 @@ Names under prefix ``p`` (``key_prefix``)::
     p.reply.<uuid>   queue   exclusive, auto-delete: one per client process (per App), declared
                              when the App connects (``start_listening``); every ``result.get()``
                              of the process waits on it
+    p.claim.<id>     queue   durable, ``x-max-length=1``, ``x-overflow=reject-publish``,
+                             ``x-expires`` = the claim's life: only for sends that claim their id
+                             (``task_id=``, ``unique_for``); see "Claims" below
 
 A worker's ``store(task_id, outcome, reply_to=...)`` publishes the outcome to the queue named in
 the message's ``reply_to``, through the default exchange, transient and *without* the mandatory
@@ -26,18 +29,35 @@ What this backend is not:
   hanging. ``forget()`` drops the local copy.
 * replies pushed while this process was reconnecting are lost (the exclusive queue dies with its
   connection and is declared again on reconnect); their waiters run into their timeout.
-* intermediate states (RECEIVED, STARTED) are pushed to the sender like final outcomes.
+* intermediate states (RECEIVED, STARTED, PROGRESS...) are pushed to the sender like final
+  outcomes, so ``result.watch()`` works there (and only there).
+
+Claims. RabbitMQ stores nothing by key, but a queue that holds at most one message and refuses
+the next publish is a test-and-set: a claim publishes one persistent, empty message (mandatory,
+confirmed) to ``p.claim.<id>``. RabbitMQ acks it (claimed), nacks it (the queue is full: the id
+is held), or returns it (no such queue: it is declared, then the publish is tried again; two
+senders racing here both declare, and still only one publish fits). The claim lasts as long as
+the queue, whose ``x-expires`` is set when it is declared (publishing does not renew it). The
+worker ends a claim when the task is done by deleting the queue and, if the claim must outlive
+the task (its result TTL, the rest of ``unique_for``), claiming again for that long, before it
+pushes the outcome: a send racing with the task's end, in the moment between the two, can get
+through, which a Redis claim (changed in place) cannot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from functools import partial
 
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pamqp.commands import Basic
+from pamqp.common import FieldTable
 
 from .._amqp import (
     ChannelPool,
@@ -46,10 +66,12 @@ from .._amqp import (
     connection_name,
     guarded,
     open_connection,
+    ready_channel,
 )
 from ..config import mask_url
-from ..errors import ResultBackendError, ResultTimeout
+from ..errors import ConfigurationError, ResultBackendError, ResultTimeout
 from ._pushcache import DEFAULT_MAX_BYTES, PushCache
+from ._watch import Watchers
 
 __all__ = ["RpcBackend"]
 
@@ -59,6 +81,7 @@ TTL_HEADER = "x-aioqueue-ttl"
 _FINAL = "final"
 _STATE = "state"
 _STATES_CACHE_BYTES = 4 * 1024 * 1024
+_CLAIMED_HERE_MAX = 65536
 
 
 class _Received:
@@ -121,6 +144,8 @@ class RpcBackend:
         self._lock: asyncio.Lock | None = None
         self._received = _Received()
         self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._claimed_here: dict[str, str] = {}  # task id -> reply queue it was claimed under
+        self._watchers = Watchers()
 
     def errors(self) -> contextlib.AbstractContextManager[None]:
         return amqp_errors(
@@ -187,7 +212,9 @@ class RpcBackend:
 
     def _record(self, kind: str, task_id: str, outcome: bytes, ttl: float) -> None:
         self._received.put(kind, task_id, outcome, ttl)
+        self._watchers.push(task_id, outcome, kind == _FINAL)
         if kind == _FINAL:
+            self._claimed_here.pop(task_id, None)
             for waiter in self._waiters.pop(task_id, ()):
                 if not waiter.done():
                     waiter.set_result(outcome)
@@ -221,11 +248,113 @@ class RpcBackend:
                     ) from exc
 
     async def store(
-        self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None
+        self,
+        task_id: str,
+        outcome: bytes,
+        *,
+        ttl: float,
+        reply_to: str | None,
+        claim_ttl: float | None = None,
     ) -> None:
-        """Push the outcome to the sender's reply queue; without ``reply_to`` nobody waits."""
+        """Push the outcome to the sender's reply queue; without ``reply_to`` nobody waits.
+
+        A claim is settled first: whoever the push wakes must find the id still held.
+        """
+        if claim_ttl is not None:
+            await self.end_claim(task_id, claim_ttl)
         if reply_to is not None:
             await self._push(reply_to, _FINAL, task_id, outcome, ttl)
+
+    # -- claims -------------------------------------------------------------------------
+
+    def _claim_queue(self, task_id: str) -> str:
+        name = f"{self.key_prefix}.claim.{task_id}"
+        if len(name.encode()) <= 255:  # AMQP's limit on a queue name
+            return name
+        return f"{self.key_prefix}.claim.sha256-{hashlib.sha256(task_id.encode()).hexdigest()}"
+
+    async def claim(self, task_id: str, ttl: float, *, fresh: bool) -> bool:
+        """Publish the one message the id's claim queue takes; see "Claims" above."""
+        if not self._confirms:
+            raise ConfigurationError(
+                "rpc:// can claim task ids (task_id=, unique_for) only with publisher confirms "
+                "(amqp_publisher_confirms=False here): a refused publish is how a held claim shows"
+            )
+        await self.connect()
+        name = self._claim_queue(task_id)
+        for _ in range(3):  # the queue can expire between our declare and our publish
+            taken = await self._publish_claim(name)
+            if taken is not None:
+                break
+            await self._declare_claim(name, ttl)
+        else:
+            raise ResultBackendError(f"could not claim task id {task_id}: its queue keeps expiring")
+        if taken:
+            if fresh:
+                self._received.forget(task_id)  # an earlier run's outcome, pushed to us
+            if self._reply_queue is not None:
+                if len(self._claimed_here) >= _CLAIMED_HERE_MAX:
+                    del self._claimed_here[next(iter(self._claimed_here))]
+                self._claimed_here[task_id] = self._reply_queue
+        return taken
+
+    async def _publish_claim(self, name: str) -> bool | None:
+        """True: claimed; False: held already (nacked); None: no such queue (returned)."""
+        assert self._pool is not None
+        with self.errors():
+            channel = await self._pool.get(self._connect_timeout)
+            with guarded(channel):
+                try:
+                    reply = await channel.basic_publish(
+                        b"",
+                        exchange="",
+                        routing_key=name,
+                        # a new one each time: aiormq writes the message_id it matches a
+                        # returned message by into the properties it is given
+                        properties=Basic.Properties(delivery_mode=2),
+                        mandatory=True,
+                        timeout=self._publish_timeout,
+                    )
+                except aiormq.exceptions.DeliveryError:
+                    return False
+        return True if isinstance(reply, Basic.Ack) else None
+
+    async def _declare_claim(self, name: str, ttl: float) -> None:
+        """Declare the claim queue on a channel of its own: a racing sender that declared it
+        with another ``x-expires`` makes RabbitMQ close the channel (406), which is harmless."""
+        assert self._connection is not None
+        arguments: FieldTable = {
+            "x-max-length": 1,
+            "x-overflow": "reject-publish",
+            "x-expires": max(1, int(ttl * 1000)),
+        }
+        with self.errors():
+            robust = self._connection.channel(publisher_confirms=False)
+            try:
+                await robust.initialize(timeout=self._connect_timeout)
+                channel = await ready_channel(robust, self._connect_timeout)
+                with (
+                    guarded(channel),
+                    contextlib.suppress(aiormq.exceptions.ChannelPreconditionFailed),
+                ):
+                    await channel.queue_declare(
+                        name, durable=True, arguments=arguments, timeout=self._connect_timeout
+                    )
+            finally:
+                await close_quietly(robust, self._connect_timeout)
+
+    async def end_claim(self, task_id: str, claim_ttl: float) -> None:
+        """Delete the claim queue, then claim again for ``claim_ttl`` if it must stay held."""
+        await self.connect()
+        assert self._pool is not None
+        with self.errors():
+            channel = await self._pool.get(self._connect_timeout)
+            with guarded(channel):
+                await channel.queue_delete(
+                    self._claim_queue(task_id), timeout=self._connect_timeout
+                )
+        if claim_ttl > 0:
+            await self.claim(task_id, claim_ttl, fresh=False)
 
     async def store_state(
         self, task_id: str, outcome: bytes, *, ttl: float, reply_to: str | None = None
@@ -234,7 +363,7 @@ class RpcBackend:
         if reply_to is not None:
             await self._push(reply_to, _STATE, task_id, outcome, ttl)
         elif self._reply_queue is not None:
-            self._received.put(_STATE, task_id, outcome, ttl)
+            self._record(_STATE, task_id, outcome, ttl)
 
     async def get(self, task_id: str) -> bytes | None:
         """What this process has received for ``task_id`` (final, else latest state), or None."""
@@ -244,6 +373,8 @@ class RpcBackend:
         found = self._received.final(task_id)
         if found is not None:
             return found
+        if token is None:  # a duplicate's handle: waitable if this process sent the first
+            token = self._claimed_here.get(task_id)
         self._check_can_wait(task_id, token)
         waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(task_id, [])
@@ -258,6 +389,18 @@ class RpcBackend:
                 waiters.remove(waiter)
             if not waiters and self._waiters.get(task_id) is waiters:
                 del self._waiters[task_id]
+
+    async def watch(self, task_id: str, token: object = None) -> AsyncIterator[bytes]:
+        """States pushed to this process for ``task_id``: in the sending process only."""
+        final = self._received.final(task_id)
+        if final is None:
+            self._check_can_wait(task_id, token)
+        async for outcome in self._watchers.follow(task_id, partial(self._current, task_id)):
+            yield outcome
+
+    def _current(self, task_id: str) -> tuple[bytes | None, bool]:
+        final = self._received.final(task_id)
+        return (final, True) if final is not None else (self._received.latest(task_id), False)
 
     def _check_can_wait(self, task_id: str, token: object) -> None:
         """Raise at once where no reply can come, instead of letting the caller hang."""
@@ -283,6 +426,7 @@ class RpcBackend:
             )
 
     async def forget(self, task_id: str) -> None:
+        """Drop the local copy; a claim on the id is not released (it is not ours alone)."""
         self._received.forget(task_id)
 
     async def aclose(self) -> None:

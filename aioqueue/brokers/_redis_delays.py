@@ -5,6 +5,10 @@ unix time), held by no worker: it survives every worker stopping, and waiting lo
 it run twice (it is in no processing list). Each live consumer runs a :class:`DelayMover` for
 its queues; publishers send a wake notice (the eta) on ``p:{q}:delayed:wake`` in the same
 pipeline as the ZADD, so a delayed send costs one round trip, as a plain one does.
+
+The same channel carries :data:`URGENT` notices: a prioritised message went to a priority list,
+which no BLMOVE waits on, so the mover passes the notice to its consumer (``on_urgent``) to end
+its wait. A due delayed message with a priority goes to its priority's list, with that notice.
 """
 
 from __future__ import annotations
@@ -14,31 +18,45 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hiredis import pack_command
 from redis import exceptions as redis_errors
 
-from .._redis import Script
-from .._redis_link import RedisLink, link_settings
+from .._redis import Script, subscriber_settings
+from .._redis_link import RedisLink
 from ..errors import AioQueueError
+from .priorities import LUA_DESTINATION
 
 if TYPE_CHECKING:
     from .redis import RedisBroker, _Keys
 
-__all__ = ["MAX_DELAY_SLEEP", "DelayMover"]
+__all__ = ["MAX_DELAY_SLEEP", "URGENT", "DelayMover"]
+
+URGENT = b"urgent"
+"""The wake notice for a message put on a priority list (a delay notice carries an eta)."""
 
 log = logging.getLogger("aioqueue.broker.redis")
 
 # Move up to ARGV[2] messages of the delayed set KEYS[1] whose eta is at or before ARGV[1] to the
-# front of queue KEYS[2] (RPUSH: they are taken next, earliest eta first), and return how many
+# front of queue KEYS[2] (KEYS[2..12]: the queue's route, see priorities.py) (RPUSH: they are
+# taken next, earliest eta first; a prioritised one to the front of its priority's list, with
+# an urgent notice), and return how many
 # moved and the next eta still waiting (a string; false when none). Due messages go to the front
 # because they already waited their delay: behind a backlog they would be late by all of it.
-_MOVE_DUE = """
+_MOVE_DUE = (
+    LUA_DESTINATION
+    + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 if #due > 0 then
-  for i = #due, 1, -1 do redis.call('RPUSH', KEYS[2], due[i]) end
+  local urgent = false
+  for i = #due, 1, -1 do
+    local key, up = destination(2, due[i])
+    redis.call('RPUSH', key, due[i])
+    urgent = urgent or up
+  end
+  if urgent then redis.call('PUBLISH', KEYS[1] .. ':wake', 'urgent') end
   for i = 1, #due, 500 do
     redis.call('ZREM', KEYS[1], unpack(due, i, math.min(i + 499, #due)))
   end
@@ -46,6 +64,7 @@ end
 local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#due, head[2] or false}
 """
+)
 
 _MOVE_BATCH = 1000
 MAX_DELAY_SLEEP = 1.0
@@ -71,7 +90,13 @@ class DelayMover:
     Without it (Redis unreachable) the mover still looks every second.
     """
 
-    def __init__(self, broker: RedisBroker, keys: Sequence[_Keys]) -> None:
+    def __init__(
+        self,
+        broker: RedisBroker,
+        keys: Sequence[_Keys],
+        on_urgent: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_urgent = on_urgent
         self._broker = broker
         self._keys = tuple(keys)
         self._link: RedisLink | None = None
@@ -130,7 +155,7 @@ class DelayMover:
         for keys in self._keys:
             while True:
                 moved, head = await _MOVE_DUE_SCRIPT.run(
-                    self._broker.batcher, [keys.delayed, keys.queue], [time.time(), _MOVE_BATCH]
+                    self._broker.batcher, [keys.delayed, *keys.route], [time.time(), _MOVE_BATCH]
                 )
                 if moved < _MOVE_BATCH:
                     break
@@ -143,7 +168,7 @@ class DelayMover:
             return
         self._link = None
         try:
-            link = await RedisLink.open(link_settings(self._broker.client))
+            link = await RedisLink.open(await subscriber_settings(self._broker.client))
         except (redis_errors.RedisError, OSError) as exc:
             if not self._failing:
                 log.warning("cannot listen for delay notices on %s: %s", self._broker.url, exc)
@@ -187,7 +212,16 @@ class DelayMover:
                 link.abort()
                 self._link = None  # resubscribed before the next move
                 return
+            if self._on_urgent is not None and _is_urgent(frame):
+                self._on_urgent()
             until = min(until, _notice_eta(frame))
+
+
+def _is_urgent(frame: Any) -> bool:
+    try:
+        return bool(frame[0] == b"message" and frame[2] == URGENT)
+    except (TypeError, IndexError):
+        return False
 
 
 def _notice_eta(frame: Any) -> float:

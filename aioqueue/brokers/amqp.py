@@ -5,7 +5,8 @@ share one vhost without seeing each other's messages)::
 
     p.q              queue     durable; classic (default) or quorum (``amqp_queue_type``);
                                x-dead-letter-exchange=p.dead, x-dead-letter-routing-key=p.q.dead;
-                               quorum queues also get x-delivery-limit (``amqp_delivery_limit``)
+                               quorum queues also get x-delivery-limit (``amqp_delivery_limit``),
+                               classic ones x-max-priority=9 when ``amqp_priorities`` is on
     p.dead           exchange  direct, durable: the dead-letter exchange of every queue of p
     p.q.dead         queue     durable, bound to p.dead with key p.q.dead: the dead letters of q
     p.q.delay.<N>ms  queue     durable, same type as p.q, declared on first use: a delay bucket
@@ -37,6 +38,17 @@ the past, is published straight to ``p.q`` exactly as without one. Caveats: a cl
 dead-letters at most once (a node crash at the moment of expiry can lose the message; a quorum
 bucket dead-letters at least once), and a work queue deleted while messages wait in its buckets
 drops them as they expire.
+
+Priorities (``amqp_priorities``, off by default: x-max-priority cost a worker's drain about 30%
+in our benchmark; while off, a prioritised send is refused, never ignored): classic work queues
+are declared with x-max-priority=9, and a message's priority (the envelope's first key, read from
+the body's first bytes) is its AMQP ``priority`` property on every publish. Delay buckets keep
+it: they have no x-max-priority (a TTL bucket must stay FIFO), and RabbitMQ keeps the property
+when a message expires into ``p.q``. RabbitMQ then delivers the highest priority first,
+strictly. Arguments of an existing queue cannot change: a queue declared with the setting the
+other way fails the declare with PRECONDITION_FAILED, raised as a ConfigurationError saying what
+to do. Quorum queues take no x-max-priority (RabbitMQ 4.0 gives them two levels, older ones
+none), so with ``amqp_queue_type="quorum"`` a prioritised send is refused.
 
 Delivery contract (consumers, prefetch, acks): see :mod:`aioqueue.brokers.amqp_consumer`.
 
@@ -75,8 +87,18 @@ from .._amqp import (
 )
 from ..config import mask_url
 from ..errors import BrokerError, ConfigurationError
+from ..message import MAX_PRIORITY, priority_of
 from .amqp_consumer import ATTEMPT_HEADER, DELAY_BUCKETS_MS, ETA_HEADER, MIN_DELAY, _AmqpConsumer
-from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Outgoing
+from .amqp_probe import Prober
+from .base import (
+    DEAD_LETTER_PREFIX,
+    Consumer,
+    DeadLetter,
+    Outgoing,
+    QueueStats,
+    dead_letter_id,
+    first_attempt,
+)
 
 __all__ = [
     "AmqpBroker",
@@ -93,6 +115,12 @@ DEAD_AT_HEADER = "x-aioqueue-dead-at"
 SIZE_HEADER = "x-aioqueue-size"
 QUEUE_TYPES = frozenset({"classic", "quorum"})
 _PUBLISH_WINDOW = 1000
+AMQP_UNKNOWN = {
+    "in_flight": "RabbitMQ does not count a queue's unacked messages over AMQP: ask the workers",
+    "oldest_held_age": "only the workers know what they hold: ask them",
+}
+"""What a broker-only count of a RabbitMQ queue cannot tell (``QueueStats.unknown``)."""
+WAITING_AGE_UNKNOWN = "RabbitMQ cannot show a waiting message without taking it"
 
 
 def delay_bucket(delay: float) -> int:
@@ -139,6 +167,7 @@ class AmqpBroker:
         channel_pool_size: int = 4,
         client_name: str = "aioqueue",
         delete_queues_on_close: bool = False,
+        priorities: bool = False,
     ) -> None:
         if queue_type not in QUEUE_TYPES:
             raise ConfigurationError(
@@ -157,9 +186,20 @@ class AmqpBroker:
         self.channel_pool_size = channel_pool_size
         self.client_name = client_name
         self.delete_queues_on_close = delete_queues_on_close
+        self.priorities = priorities and queue_type == "classic"
+        """Work queues honour message priorities (classic queues declared with x-max-priority)."""
+        self._priority_refusal = (
+            "quorum queues do not order by priority here (RabbitMQ 4.0 has two levels, older "
+            "versions none): use amqp_queue_type='classic' for priorities"
+            if queue_type != "classic"
+            else "amqp_priorities is off (the default: x-max-priority slows RabbitMQ's "
+            "deliveries), so the queues have no x-max-priority: set amqp_priorities=True (an "
+            "existing queue must then be deleted and declared again, see the README)"
+        )
         self._connection: AbstractRobustConnection | None = None
         self._pool: ChannelPool | None = None
         self._admin: AbstractRobustChannel | None = None
+        self._prober: Prober | None = None
         self._connect_lock: asyncio.Lock | None = None
         self._declared: dict[str, asyncio.Future[None]] = {}
         self._delays_declared: dict[tuple[str, int], asyncio.Future[None]] = {}
@@ -185,7 +225,17 @@ class AmqpBroker:
         }
         if self.queue_type == "quorum" and self.delivery_limit is not None:
             args["x-delivery-limit"] = self.delivery_limit
+        if self.priorities:
+            args["x-max-priority"] = MAX_PRIORITY
         return args
+
+    def _check_priority(self, body: bytes) -> None:
+        """Refuse, before any I/O, a priority these queues would ignore."""
+        if not self.priorities and priority_of(body):
+            raise ConfigurationError(
+                f"cannot send a message with priority {priority_of(body)} to {self.url}: "
+                + self._priority_refusal
+            )
 
     def delay_arguments(self, names: _Names, ttl_ms: int) -> dict[str, Any]:
         """A bucket: everything in it expires after ``ttl_ms`` back into the work queue.
@@ -286,8 +336,27 @@ class AmqpBroker:
         dead_args: dict[str, Any] = {"x-queue-type": self.queue_type}
         await channel.queue_declare(names.dead, durable=True, arguments=dead_args)
         await channel.queue_bind(names.dead, names.dlx, routing_key=names.dead)
-        await channel.queue_declare(
-            names.queue, durable=True, arguments=self.queue_arguments(names)
+        arguments = self.queue_arguments(names)
+        try:
+            await channel.queue_declare(names.queue, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise ConfigurationError(self._mismatch(names.queue, arguments, exc)) from exc
+
+    def _mismatch(self, queue: str, arguments: dict[str, Any], exc: BaseException) -> str:
+        """What to do when a queue exists with other arguments (RabbitMQ cannot change them)."""
+        if "x-max-priority" in str(exc):
+            hint = (
+                "it was declared with another x-max-priority (by an aioqueue before priorities, "
+                "or with amqp_priorities set the other way). Either drain it and delete it "
+                f"(rabbitmqctl delete_queue {queue}) so the next start declares it with "
+                f"x-max-priority={arguments.get('x-max-priority', 'none')}, or set "
+                f"amqp_priorities={'x-max-priority' not in arguments} to match the queue"
+            )
+        else:
+            hint = "drain and delete it, or change the settings back to match it"
+        return (
+            f"queue {queue!r} at {self.url} exists with other arguments than {arguments!r} "
+            f"({exc}): {hint}"
         )
 
     # -- publishing -----------------------------------------------------------------------
@@ -301,19 +370,32 @@ class AmqpBroker:
     ) -> None:
         await self.connect()
         assert self._pool is not None
-        properties = Basic.Properties(delivery_mode=2, headers=headers)
+        properties = Basic.Properties(
+            delivery_mode=2, headers=headers, priority=priority_of(body) or None
+        )
         with self.errors():
             channel = await self._pool.get(self.connect_timeout)
             with guarded(channel):
                 try:
-                    await channel.basic_publish(
+                    # wait=False: aiormq holds the channel's lock until the frame is queued, not
+                    # until the socket drained it, so concurrent sends pipeline on one channel
+                    # (a drain per publish under the lock serialised them). The confirm is
+                    # still awaited below. aiormq.Channel takes ``wait`` since 7.1.1; its
+                    # abstract base does not declare it.
+                    await channel.basic_publish(  # type: ignore[call-arg]
                         body,
                         exchange=exchange,
                         routing_key=routing_key,
                         properties=properties,
                         mandatory=True,
                         timeout=self.publish_timeout,
+                        wait=False,
                     )
+                except aiormq.exceptions.DeliveryError:
+                    # nacked: not queued. The channel may stay broken (see discard): the next
+                    # publish gets a new one; this send fails and may be sent again.
+                    await self._pool.discard(channel, self.connect_timeout)
+                    raise
                 except TimeoutError as exc:
                     # aiormq withdraws a publish it had not written yet; one it had written may
                     # or may not be queued: sending again with the same task id is safe.
@@ -324,6 +406,7 @@ class AmqpBroker:
                     ) from exc
 
     async def publish(self, queue: str, body: bytes, *, eta: float | None = None) -> None:
+        self._check_priority(body)
         if eta is not None and eta - time.time() >= MIN_DELAY:
             await self.publish_delayed(queue, body, eta)
             return
@@ -367,6 +450,8 @@ class AmqpBroker:
 
     async def publish_many(self, items: Sequence[Outgoing]) -> None:
         """All in flight at once (in windows of 1,000): confirms overlap instead of queueing."""
+        for _, body, _ in items:
+            self._check_priority(body)
         for queue in {queue for queue, _, _ in items}:
             await self.declare(queue)
         for start in range(0, len(items), _PUBLISH_WINDOW):
@@ -472,7 +557,120 @@ class AmqpBroker:
             raise
         return out
 
+    async def probe_many(self, names: Sequence[str]) -> dict[str, tuple[int, int] | None]:
+        """(messages, consumers) of each queue of ``names`` by passive declares; None for one
+        that does not exist. All at once on a connection of their own (see
+        :mod:`aioqueue.brokers.amqp_probe`), bounded by ``connect_timeout`` as a whole."""
+        if self._prober is None:
+            self._prober = Prober(lambda: self.connect_role("admin"), self.connect_timeout)
+        with self.errors():
+            return await self._prober.probe(names)
+
+    def _buckets(self, queue: str) -> list[str]:
+        names = self.names(queue)
+        return [names.delay(ttl_ms) for ttl_ms in DELAY_BUCKETS_MS]
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        (stats,) = await self.queue_stats_many([queue])
+        return stats
+
+    async def queue_stats_many(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Counts by passive declares of every queue, its dead letters and its delay buckets,
+        all at once (:meth:`probe_many`). RabbitMQ tells neither the unacked count of a queue
+        nor its head over AMQP (taking the head to read it would count an attempt), so
+        ``in_flight`` and ``oldest_age`` are None here (the workers know what they hold: see
+        :func:`aioqueue.operations.queue_stats`)."""
+        probes = await self.probe_many(
+            [
+                name
+                for queue in queues
+                for name in (self.names(queue).queue, self.names(queue).dead, *self._buckets(queue))
+            ]
+        )
+        out = []
+        for queue in queues:
+            names = self.names(queue)
+            work, dead = probes[names.queue], probes[names.dead]
+            buckets = [probes[name] for name in self._buckets(queue)]
+            out.append(
+                QueueStats(
+                    queue=queue,
+                    depth=work[0] if work else 0,
+                    delayed=sum(bucket[0] for bucket in buckets if bucket),
+                    in_flight=None,
+                    consumers=work[1] if work else 0,
+                    oldest_age=None,
+                    dead=dead[0] if dead else 0,
+                    unknown={
+                        **AMQP_UNKNOWN,
+                        **({"oldest_age": WAITING_AGE_UNKNOWN} if work and work[0] else {}),
+                    },
+                )
+            )
+        return out
+
+    async def purge(self, queue: str) -> int:
+        """queue.purge of the work queue and each of its delay buckets that exists."""
+        await self.connect()
+        assert self._connection is not None
+        probes = await self.probe_many([self.names(queue).queue, *self._buckets(queue)])
+        present = [name for name, probe in probes.items() if probe is not None]
+        purged = 0
+        with self.errors():
+            async with (
+                asyncio.timeout(self.connect_timeout),
+                self._connection.channel(publisher_confirms=False) as channel,
+            ):
+                underlay = await channel.get_underlay_channel()
+                for name in present:
+                    with guarded(underlay):
+                        done = await underlay.queue_purge(name)
+                    purged += done.message_count or 0
+        return purged
+
+    async def _settle_dead(self, queue: str, ids: frozenset[str] | None, *, requeue: bool) -> int:
+        """Take the dead letters one by one (basic.get); each picked one is sent back (confirmed)
+        when ``requeue``, then acked; the channel's close returns the rest in their order."""
+        await self.connect()
+        assert self._connection is not None
+        done = 0
+        try:
+            with self.errors():
+                async with self._connection.channel(publisher_confirms=False) as channel:
+                    underlay = await channel.get_underlay_channel()
+                    while True:
+                        with guarded(underlay):
+                            async with asyncio.timeout(self.connect_timeout):
+                                got = await underlay.basic_get(self.names(queue).dead)
+                        if not isinstance(got.delivery, Basic.GetOk):
+                            break
+                        if ids is not None and dead_letter_id(got.body) not in ids:
+                            continue
+                        if requeue:
+                            if _dead_letter(queue, got).size is not None:
+                                continue  # kept in part only: it cannot run
+                            await self.publish(queue, first_attempt(got.body))
+                        tag = got.delivery.delivery_tag
+                        assert tag is not None  # a GetOk always carries one
+                        with guarded(underlay):
+                            await underlay.basic_ack(tag)
+                        done += 1
+        except BrokerError as exc:
+            if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
+                return 0
+            raise
+        return done
+
+    async def requeue_dead(self, queue: str, ids: frozenset[str] | None) -> int:
+        return await self._settle_dead(queue, ids, requeue=True)
+
+    async def drop_dead(self, queue: str, ids: frozenset[str] | None) -> int:
+        return await self._settle_dead(queue, ids, requeue=False)
+
     async def aclose(self) -> None:
+        prober, self._prober = self._prober, None
+        if prober is not None:
+            await prober.aclose()
         connection, self._connection = self._connection, None
         self._pool = None
         self._admin = None

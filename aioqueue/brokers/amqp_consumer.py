@@ -17,6 +17,12 @@ puts every unacked message back; the robust connection reconnects and resumes co
 itself, buffered deliveries of the dead channel are discarded, and acks for them are skipped
 (their messages come again: at-least-once).
 
+Several queues: RabbitMQ pushes from every queue the worker consumes, round robin among its
+consumers, as far as the prefetch limit allows; it has no way to prefer one queue of a channel.
+What the worker has received waits in the buffer, and ``fetch`` hands it out in the order of
+the worker's queues (``--queues a,b``: a's first), so the first queue is preferred among the
+deliveries on hand, not on the server.
+
 Attempts: ``Delivery.attempt`` is the ``x-aioqueue-attempt`` header (1 when absent) plus the
 redeliveries RabbitMQ counted since: a quorum queue's ``x-delivery-count``, or 1 for a classic
 queue's ``redelivered`` flag. A classic queue does not count past that flag, so a redelivered
@@ -57,6 +63,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     AbstractRobustQueue,
 )
+from aiormq.abc import AbstractChannel
 
 from .._amqp import close_quietly, guarded, ready_channel
 from .base import Delivery, take_when_ready
@@ -84,8 +91,95 @@ MAX_HOLD = 900.0
 """Seconds a parked message may stay unacked: half RabbitMQ's default consumer_timeout."""
 
 
+class _Acks:
+    """The acks of one consuming channel, sent together: one ``multiple`` ack where safe.
+
+    Acks asked for in the same event-loop iteration (the settles a pipelined result store
+    finishes together) go out in one flush, in a task of its own: the tags among them below
+    every tag still unsettled on the channel are acked by one ``basic.ack(multiple=True)``, the
+    rest one by one. A ``multiple`` ack covers every delivery up to its tag, so it is sent only
+    when each of those was seen here (tags have no gap) and none is still unsettled: a message
+    running, parked, buffered or being given back (its nack queued first) is never covered.
+    Flushes run one at a time, in order, so a ``multiple`` ack never overtakes a single one.
+    ``ack()`` returns once the frame carrying its tag is queued, as a single ack's would.
+    """
+
+    __slots__ = ("_ahead", "_flushing", "_next", "channel", "contiguous", "pending", "unsettled")
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.channel = channel
+        self.unsettled: set[int] = set()
+        self.contiguous = 0  # every tag up to this one was delivered here
+        self._ahead: set[int] = set()  # delivered above a tag not seen yet
+        self.pending: list[int] = []
+        self._next: asyncio.Future[None] | None = None  # done once ``pending`` is queued
+        self._flushing = False
+
+    def delivered(self, tag: int) -> None:
+        self.unsettled.add(tag)
+        if tag != self.contiguous + 1:
+            self._ahead.add(tag)
+            return
+        self.contiguous = tag
+        ahead = self._ahead
+        while ahead and self.contiguous + 1 in ahead:
+            self.contiguous += 1
+            ahead.discard(self.contiguous)
+
+    def ack(self, tag: int) -> asyncio.Future[None]:
+        self.pending.append(tag)
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            if not self._flushing:
+                self._flushing = True
+                _background(self._flush())
+        return self._next
+
+    async def _flush(self) -> None:
+        try:
+            while self._next is not None:
+                done, self._next = self._next, None
+                batch, self.pending = self.pending, []
+                try:
+                    await self._send(batch)
+                finally:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._flushing = False
+            if self._next is not None:  # cut short (cancelled): whoever waits is let go
+                self._next.set_result(None)
+                self._next = None
+
+    async def _send(self, batch: list[int]) -> None:
+        unsettled = self.unsettled
+        unsettled.difference_update(batch)
+        bound = min(min(unsettled, default=self.contiguous + 1), self.contiguous + 1)
+        covered = [tag for tag in batch if tag < bound]
+        with (
+            contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError),
+            guarded(self.channel),
+        ):
+            # basic.ack has no reply; queueing the frame (wait=False) skips a drain per ack.
+            if covered:
+                await self.channel.basic_ack(max(covered), multiple=len(covered) > 1, wait=False)
+            for tag in batch:
+                if tag >= bound:
+                    await self.channel.basic_ack(tag, wait=False)
+
+
+_flushes: set[asyncio.Task[None]] = set()
+
+
+def _background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _flushes.add(task)
+    task.add_done_callback(_flushes.discard)
+
+
 class _AmqpDelivery:
     __slots__ = (
+        "_acks",
         "_channel",
         "_consumer",
         "_settled",
@@ -104,6 +198,8 @@ class _AmqpDelivery:
         self._consumer = consumer
         self._channel = message.channel
         self._tag = message.delivery_tag or 0
+        self._acks = consumer.acks_for(self._channel)
+        self._acks.delivered(self._tag)
         self._settled = False
         self.queue = queue
         self.body = message.body
@@ -146,15 +242,10 @@ class _AmqpDelivery:
 
     async def ack(self) -> None:
         if self._settle():
-            # basic.ack has no reply; queueing the frame (wait=False) skips a drain per ack.
-            # A frame lost with its connection means a redelivery: at-least-once either way.
-            # Guarded all the same: with its connection dead, even queueing the frame can
-            # wait forever (see aioqueue._amqp).
-            with (
-                contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError),
-                guarded(self._channel),
-            ):
-                await self._channel.basic_ack(self._tag, wait=False)
+            # Sent with the other acks of this loop iteration (see _Acks). A frame lost with
+            # its connection means a redelivery: at-least-once either way. Guarded there: with
+            # its connection dead, even queueing the frame can wait forever (aioqueue._amqp).
+            await asyncio.shield(self._acks.ack(self._tag))
 
     async def requeue(self, *, count_attempt: bool = False) -> None:
         if self._settled:
@@ -172,15 +263,20 @@ class _AmqpDelivery:
                 guarded(self._channel),
             ):
                 await self._channel.basic_nack(self._tag, requeue=True)
+            # Only now, with the nack queued, may a multiple ack cover its tag.
+            self._acks.unsettled.discard(self._tag)
 
-    async def dead_letter(self, reason: str) -> None:
+    async def dead_letter(self, reason: str, *, keep_body: bool = True) -> None:
         if self._settled:
             return
         # Published and confirmed before the ack: a crash in between keeps the message (it
         # comes again and is dead-lettered again), never loses it.
         max_size = self._consumer.max_size
         size = self.size if max_size is not None and self.size > max_size else None
-        await self._consumer.broker.bury(self.queue, self.body, reason, size=size)
+        if not keep_body:
+            await self._consumer.broker.bury(self.queue, b"", reason, size=self.size)
+        else:
+            await self._consumer.broker.bury(self.queue, self.body, reason, size=size)
         await self.ack()
 
 
@@ -204,6 +300,7 @@ class _AmqpConsumer:
         self._initial_prefetch = prefetch or 0
         self.worker_id = worker_id
         self.queues = tuple(queues)
+        self._rank = {queue: index for index, queue in enumerate(self.queues)}
         self.handed: set[_AmqpDelivery] = set()
         self._buffer: list[_AmqpDelivery] = []
         self._arrived = asyncio.Event()
@@ -217,6 +314,14 @@ class _AmqpConsumer:
         # A channel-wide limit covers several classic queues at once; quorum queues refuse
         # global QoS, so there the limit is per queue (documented on AmqpBroker).
         self._global_qos = len(self.queues) > 1 and broker.queue_type == "classic"
+        self._acks: _Acks | None = None
+
+    def acks_for(self, channel: AbstractChannel) -> _Acks:
+        """The ack batcher of ``channel`` (a new one when the robust channel reopened)."""
+        acks = self._acks
+        if acks is None or acks.channel is not channel:
+            acks = self._acks = _Acks(channel)
+        return acks
 
     @property
     def channel(self) -> AbstractRobustChannel:
@@ -251,9 +356,16 @@ class _AmqpConsumer:
             lambda: self._take(max_count), lambda: self._arrived, wake, timeout
         )
 
+    def received(self) -> list[Delivery]:
+        """Pushed by RabbitMQ, not handed to the worker yet: unacked, so in flight."""
+        return [d for d in self._buffer if not d.stale]
+
     def _take(self, max_count: int) -> list[Delivery]:
         if any(d.stale for d in self._buffer):
             self._buffer = [d for d in self._buffer if not d.stale]
+        if len(self._rank) > 1 and len(self._buffer) > max_count:
+            rank = self._rank
+            self._buffer.sort(key=lambda d: rank[d.queue])  # stable: arrival order per queue
         taken, self._buffer = self._buffer[:max_count], self._buffer[max_count:]
         if not self._buffer:
             self._arrived.clear()

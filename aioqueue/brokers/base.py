@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+import orjson
 
 __all__ = [
     "DEAD_LETTER_PREFIX",
@@ -29,7 +31,16 @@ __all__ = [
     "DeadLetter",
     "Delivery",
     "Outgoing",
+    "QueueAdmin",
+    "QueueStats",
+    "QueueStatsMany",
+    "ReceivesAhead",
+    "ResendsAtomically",
     "attempt_of",
+    "dead_letter_id",
+    "first_attempt",
+    "oldest_age",
+    "sent_at",
     "take_when_ready",
     "wait_for_event",
 ]
@@ -53,6 +64,45 @@ def attempt_of(body: bytes) -> int:
         return 1
     match = _ATTEMPT_PREFIX.match(body)
     return int(match.group(1)) if match else 1
+
+
+def first_attempt(body: bytes) -> bytes:
+    """``body`` without the attempt a broker stamped on it: sent again, it is a first delivery."""
+    if body[:11] != b'{"attempt":':
+        return body
+    match = _ATTEMPT_PREFIX.match(body)
+    return b"{" + body[match.end() :] if match else body
+
+
+def sent_at(body: bytes) -> float | None:
+    """The ``sent_at`` of an envelope (unix time), None when the body has none."""
+    at = _envelope_field(body, "sent_at")
+    return float(at) if isinstance(at, int | float) and not isinstance(at, bool) and at else None
+
+
+def _envelope_field(body: bytes, name: str) -> object:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return data.get(name) if isinstance(data, dict) else None
+
+
+def dead_letter_id(body: bytes) -> str | None:
+    """The task id of a dead letter's envelope, or None when the body is not one (bad input).
+
+    A dead letter is picked by the id of the task it carries, the id the failure was reported
+    under; a body that is not a JSON envelope with a string id can only be picked with ``--all``.
+    """
+    task_id = _envelope_field(body, "id")
+    return task_id if isinstance(task_id, str) else None
+
+
+def oldest_age(bodies: Iterable[bytes | None], now: float) -> float | None:
+    """Seconds since the earliest ``sent_at`` among the head messages ``bodies`` (operator
+    commands only: decoding a few heads is fine there, never on the hot path)."""
+    sent = [at for body in bodies if body is not None and (at := sent_at(body)) is not None]
+    return max(0.0, now - min(sent)) if sent else None
 
 
 async def take_when_ready(
@@ -117,8 +167,27 @@ class Delivery(Protocol):
         comes back with its attempt raised and ``max_attempts`` bounds how often that happens.
         """
 
-    async def dead_letter(self, reason: str) -> None:
-        """Move the raw message to the queue's dead-letter store with the reason."""
+    async def dead_letter(self, reason: str, *, keep_body: bool = True) -> None:
+        """Move the raw message to the queue's dead-letter store with the reason.
+
+        ``keep_body=False`` keeps only the reason and the body's size (a forged message: its
+        bytes are the attacker's, not something to replay).
+        """
+
+
+@runtime_checkable
+class ResendsAtomically(Protocol):
+    """Optional: a delivery that can be swapped for a new message in one atomic step.
+
+    A retry is the same task re-sent with a later eta; done this way, a worker that dies in
+    the middle leaves either the old message (which comes back and runs again) or the new one,
+    never both (a double run) or neither (a lost task). Without it (AMQP) the settle step
+    publishes the retry (confirmed) and then acks, and a redelivered original whose retry is
+    already recorded is dropped unrun (see ``worker/handler.py``).
+    """
+
+    async def resend(self, body: bytes, eta: float | None) -> None:
+        """Replace this message with ``body``, due at ``eta``; fenced like ``ack``."""
 
 
 class Consumer(Protocol):
@@ -156,6 +225,84 @@ class DeadLetter:
     at: float
     size: int | None = None
     """Length of the whole message when ``body`` holds only its beginning, else None."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One queue as an operator sees it (``aioqueue queues``).
+
+    None means "none" (no message waiting, none held) unless the field is named in
+    ``unknown``, which says why it cannot be known: RabbitMQ neither counts unacked messages
+    per queue over AMQP nor shows a waiting message without taking it (which would count an
+    attempt), so there ``in_flight`` and ``oldest_held_age`` come from the workers
+    (:func:`aioqueue.operations.queue_stats` asks them) and ``oldest_age`` of a queue with
+    messages waiting is unknown.
+    """
+
+    queue: str
+    depth: int
+    """Messages waiting to be taken, every priority."""
+    delayed: int
+    """Messages waiting for their eta."""
+    in_flight: int | None
+    """Messages taken by workers and not yet settled (running, waiting for a slot, parked)."""
+    consumers: int
+    """Workers consuming the queue now (on RabbitMQ: its AMQP consumers)."""
+    oldest_age: float | None
+    """Seconds since the oldest waiting message was sent (None when none waits)."""
+    dead: int
+    """Dead letters kept for the queue."""
+    oldest_held_age: float | None = None
+    """Seconds since the oldest message a worker holds was sent (None when none is held)."""
+    unknown: Mapping[str, str] = field(default_factory=dict)
+    """Fields that are None because they cannot be known, each with the reason."""
+
+    @property
+    def oldest(self) -> float | None:
+        """The oldest message of the queue, waiting or held: what ``aioqueue queues`` shows
+        (None when there is none, or when a part of it is unknown)."""
+        if "oldest_age" in self.unknown or "oldest_held_age" in self.unknown:
+            return None
+        ages = [age for age in (self.oldest_age, self.oldest_held_age) if age is not None]
+        return max(ages) if ages else None
+
+
+@runtime_checkable
+class QueueStatsMany(Protocol):
+    """A broker that counts several queues faster together than one after another."""
+
+    async def queue_stats_many(self, queues: Sequence[str]) -> list[QueueStats]: ...
+
+
+@runtime_checkable
+class ReceivesAhead(Protocol):
+    """A consumer the broker pushes to: it holds deliveries not handed to the worker yet."""
+
+    def received(self) -> list[Delivery]:
+        """Deliveries received and not yet handed out by ``fetch`` (unsettled, so in flight)."""
+
+
+@runtime_checkable
+class QueueAdmin(Protocol):
+    """Operating a queue: what the ``queues``, ``purge`` and ``dead-letters`` commands use.
+
+    Dead letters are picked by task id (``ids``; None picks them all). Requeueing sends a dead
+    letter back to its queue as a first delivery (same task id, attempt 1), then removes it:
+    a crash in between leaves it in both places, never in neither.
+    """
+
+    async def queue_stats(self, queue: str) -> QueueStats: ...
+
+    async def purge(self, queue: str) -> int:
+        """Delete the messages waiting in ``queue``, delayed ones included (not those being
+        run, not dead letters); returns how many."""
+
+    async def requeue_dead(self, queue: str, ids: frozenset[str] | None) -> int:
+        """Send the picked dead letters back to ``queue``; returns how many. One kept only in
+        part (refused for its size) cannot run and stays where it is."""
+
+    async def drop_dead(self, queue: str, ids: frozenset[str] | None) -> int:
+        """Delete the picked dead letters; returns how many."""
 
 
 class Broker(Protocol):

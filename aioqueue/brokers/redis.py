@@ -4,6 +4,9 @@ Keys for queue ``q`` under prefix ``p`` (the ``{q}`` hash tag keeps one queue's 
 Redis Cluster slot)::
 
     p:{q}                        list   waiting messages; LPUSH to send, taken from the right
+    p:{q}:priority:<N>           list   waiting messages of priority N (1..9), created on use;
+                                        the order they are taken in: see ``priorities.py``
+    p:{q}:priorities             set    {"1"}: exists while a priority list may hold messages
     p:{q}:processing:<worker>    list   messages a worker holds; removed (LREM) on ack
     p:{q}:workers                set    ids of workers consuming q
     p:{q}:alive:<worker>         string heartbeat, expires after worker_heartbeat_ttl
@@ -11,6 +14,13 @@ Redis Cluster slot)::
                                         | body_hex, size (only when the body was cut short)}
     p:{q}:delayed                zset   messages with a future eta, scored by it (unix time)
     p:{q}:delayed:wake           channel  a notice (the eta) for each delayed publish
+
+Priorities: a message sent with priority N > 0 goes to its level's list, with a notice
+(``urgent``) on the wake channel in the same round trip, which wakes idle consumers (their BLMOVE
+waits on ``p:{q}`` only); the fetch script looks at the levels only while the queue's marker
+key exists (set after every push to a level, deleted by the fetch that finds them all empty):
+a queue without priorities costs one EXISTS of one key inside the script. Give-back, sweep
+and due delayed messages return a message to its own level (the envelope's first key says it).
 
 Delays: a message published with a future eta waits in the sorted set, held by no worker, so it
 survives every worker stopping and cannot be run twice for waiting long. Each live consumer runs
@@ -46,6 +56,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import orjson
@@ -58,27 +69,69 @@ from .._redis import (
     Script,
     connect_redis,
     eviction_warning,
+    is_cluster_url,
+    new_batcher,
     redis_errors_as,
 )
 from ..config import mask_url
 from ..errors import AioQueueError
-from ._redis_delays import DelayMover
-from .base import DEAD_LETTER_PREFIX, Consumer, DeadLetter, Delivery, Outgoing, attempt_of
+from ..message import MAX_PRIORITY, priority_of
+from ._redis_delays import URGENT, DelayMover
+from .base import (
+    DEAD_LETTER_PREFIX,
+    Consumer,
+    DeadLetter,
+    Delivery,
+    Outgoing,
+    QueueStats,
+    attempt_of,
+    dead_letter_id,
+    first_attempt,
+    oldest_age,
+)
+from .priorities import LEVEL_KEY, LOW_TURN, LUA_DESTINATION
 
 __all__ = ["RedisBroker"]
 
 log = logging.getLogger("aioqueue.broker.redis")
 
-# Move up to ARGV[1] messages from the queue KEYS[1] into the processing list KEYS[2], oldest
-# first. A body longer than ARGV[2] bytes (0: no limit) is not handed out: it goes to the dead
-# letters KEYS[3] as a record of its size and first ARGV[5] bytes (hex), so no worker ever reads
-# it whole; its prefix and size come back in the second list so the worker can record FAILURE.
-# ARGV[3] is the queue's name and ARGV[4] the time, for the record.
+# Move up to ARGV[1] messages from the queue KEYS[1] (and, while the marker KEYS[4] exists, its
+# priority lists KEYS[4 + N] (N = 1..9) in the order priorities.py describes: ARGV[6] counts the
+# takes towards the low turn and its new value is returned third; the marker goes when they are
+# all empty) into the processing list KEYS[2], oldest first. A body longer than ARGV[2] bytes
+# (0: no limit) is not handed out: it goes to the dead letters KEYS[3] as a record of its size
+# and first ARGV[5] bytes (hex), so no worker ever reads it whole; its prefix and size come back
+# in the second list so the worker can record FAILURE. ARGV[3] is the queue's name and ARGV[4]
+# the time, for the record.
 _FETCH = """
 local want, max, keep = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[5])
+local turns = tonumber(ARGV[6])
 local out, refused = {}, {}
+local levels = false
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  levels = {}
+  for n = 1, 9 do levels[n] = KEYS[4 + n] end
+end
 while #out < want and #refused < 200 do
-  local v = redis.call('RPOP', KEYS[1])
+  local v
+  if not levels then
+    v = redis.call('RPOP', KEYS[1])
+  else
+    turns = turns + 1
+    if turns % LOW_TURN == 0 then
+      v = redis.call('RPOP', KEYS[1])
+      for n = 1, 9 do
+        if v then break end
+        v = redis.call('RPOP', levels[n])
+      end
+    else
+      for n = 9, 1, -1 do
+        v = redis.call('RPOP', levels[n])
+        if v then break end
+      end
+      if not v then v = redis.call('RPOP', KEYS[1]) end
+    end
+  end
   if not v then break end
   if max > 0 and string.len(v) > max then
     local head = string.sub(v, 1, keep)
@@ -94,8 +147,9 @@ while #out < want and #refused < 200 do
     out[#out + 1] = v
   end
 end
-return {out, refused}
-"""
+if levels and redis.call('EXISTS', unpack(levels)) == 0 then redis.call('DEL', KEYS[4]) end
+return {out, refused, turns % LOW_TURN}
+""".replace("LOW_TURN", str(LOW_TURN))
 
 # Lua: raise the attempt number carried in a '{"attempt":N,' prefix of a JSON body.
 _BUMP_ATTEMPT = """
@@ -109,58 +163,74 @@ local function bump(v)
 end
 """
 
-# Move a whole processing list KEYS[1] back to the front of queue KEYS[2], oldest nearest the
-# front. With ARGV[1] == '1' the attempt is raised: the messages were taken and not finished.
+# Move a whole processing list KEYS[1] back to the front of queue KEYS[2] (KEYS[2..12]: its
+# route, see priorities.py), oldest nearest the front. With ARGV[1] == '1' the attempt is
+# raised: the messages were taken and not finished.
 _RETURN = (
     _BUMP_ATTEMPT
+    + LUA_DESTINATION
     + """
-local moved = 0
+local moved, urgent = 0, false
 while true do
   local v = redis.call('LPOP', KEYS[1])
   if not v then break end
   if ARGV[1] == '1' then v = bump(v) end
-  redis.call('RPUSH', KEYS[2], v)
+  local key, up = destination(2, v)
+  redis.call('RPUSH', key, v)
+  urgent = urgent or up
   moved = moved + 1
 end
+if urgent then redis.call('PUBLISH', KEYS[2] .. ':delayed:wake', 'urgent') end
 return moved
 """
 )
 
-# Sweep: every worker registered in set KEYS[1] whose heartbeat key is gone has its processing
-# list returned to queue KEYS[2] with the attempt raised, and is forgotten. ARGV[1] is the
-# queue's key base 'p:{q}:'.
+# Sweep: of the workers ARGV[1..] registered in set KEYS[1], each one whose heartbeat key
+# KEYS[11 + 2i] is gone has its processing list KEYS[12 + 2i] returned to queue KEYS[2]
+# (KEYS[2..12]: its route, see priorities.py; each message to its priority's list) with the
+# attempt raised, and is forgotten. The worker ids come from an SMEMBERS just before, so every
+# key is declared; a worker registered since is swept next time.
 _SWEEP = (
     _BUMP_ATTEMPT
+    + LUA_DESTINATION
     + """
-local moved = 0
-for _, wid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('EXISTS', ARGV[1] .. 'alive:' .. wid) == 0 then
-    local pkey = ARGV[1] .. 'processing:' .. wid
+local moved, urgent = 0, false
+for i, wid in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[11 + 2 * i]) == 0 then
+    local pkey = KEYS[12 + 2 * i]
     while true do
       local v = redis.call('LPOP', pkey)
       if not v then break end
-      redis.call('RPUSH', KEYS[2], bump(v))
+      v = bump(v)
+      local key, up = destination(2, v)
+      redis.call('RPUSH', key, v)
+      urgent = urgent or up
       moved = moved + 1
     end
     redis.call('SREM', KEYS[1], wid)
   end
 end
+if urgent then redis.call('PUBLISH', KEYS[2] .. ':delayed:wake', 'urgent') end
 return moved
 """
 )
 
 # Fenced give-back: only if message ARGV[1] is still in this worker's processing list KEYS[1]
-# (its lease was not taken over), push it to the front of queue KEYS[2], its attempt raised when
-# ARGV[2] == '1', then drop it from the list. The write comes before the removal, so a write the
-# server refuses (maxmemory) leaves the message where it was.
+# (its lease was not taken over), push it to the front of queue KEYS[2] (KEYS[2..12]: its
+# route; of its priority's list, with a notice), its attempt raised when ARGV[2] == '1', then
+# drop it from the list. The write comes before the removal, so a write the server refuses
+# (maxmemory) leaves the message where it was.
 _GIVE_BACK = (
     _BUMP_ATTEMPT
+    + LUA_DESTINATION
     + """
 if not redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1) then return 0 end
 local v = ARGV[1]
 if ARGV[2] == '1' then v = bump(v) end
-redis.call('RPUSH', KEYS[2], v)
+local key, urgent = destination(2, v)
+redis.call('RPUSH', key, v)
 redis.call('LREM', KEYS[1], -1, ARGV[1])
+if urgent then redis.call('PUBLISH', KEYS[2] .. ':delayed:wake', 'urgent') end
 return 1
 """
 )
@@ -173,16 +243,84 @@ redis.call('LREM', KEYS[1], -1, ARGV[1])
 return 1
 """
 
+# Fenced re-send (a retry): only if message ARGV[1] is still in this worker's processing list
+# KEYS[1], add its replacement ARGV[2] to the delayed set KEYS[2] scored by its eta ARGV[3],
+# drop the message, and send the wake notice on channel ARGV[4]. One script: a worker that dies
+# half-way leaves either the old message (run again) or the new one, never both or neither.
+_RESEND = """
+if not redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('LREM', KEYS[1], -1, ARGV[1])
+redis.call('PUBLISH', ARGV[4], ARGV[3])
+return 1
+"""
+
+# The waiting messages of every priority list KEYS[1..10] of one queue.
+_LENGTH = """
+local total = 0
+for _, key in ipairs(KEYS) do total = total + redis.call('LLEN', key) end
+return total
+"""
+
+# Operator view of one queue: KEYS[1..10] its priority lists, KEYS[11] delayed, KEYS[12] dead;
+# then for each worker ARGV[i] (from an SMEMBERS of its registry just before) its heartbeat
+# KEYS[11 + 2i] and processing list KEYS[12 + 2i]. Returns depth, delayed, in flight, live
+# consumers, dead, and the oldest waiting message of each non-empty list (from the right).
+_STATS = """
+local depth, heads = 0, {}
+for i = 1, 10 do
+  local n = redis.call('LLEN', KEYS[i])
+  if n > 0 then
+    depth = depth + n
+    table.insert(heads, redis.call('LINDEX', KEYS[i], -1))
+  end
+end
+local inflight, consumers = 0, 0
+for i = 1, #ARGV do
+  consumers = consumers + redis.call('EXISTS', KEYS[11 + 2 * i])
+  inflight = inflight + redis.call('LLEN', KEYS[12 + 2 * i])
+end
+return {depth, redis.call('ZCARD', KEYS[11]), inflight, consumers, redis.call('LLEN', KEYS[12]),
+        heads}
+"""
+
+# Purge: delete the waiting lists KEYS[1..10], the delayed set KEYS[11] and the marker KEYS[12];
+# returns how many messages they held.
+_PURGE = """
+local n = redis.call('ZCARD', KEYS[11])
+for i = 1, 10 do n = n + redis.call('LLEN', KEYS[i]) end
+redis.call('DEL', unpack(KEYS))
+return n
+"""
+
+# Requeue one dead letter: remove record ARGV[1] from the dead list KEYS[1] and, only if it was
+# there, push its body ARGV[2] to list KEYS[2]; for a priority list (ARGV[3] == '1') also set
+# the marker KEYS[3] and wake idle consumers on channel ARGV[4]. Atomic: never lost, never twice.
+_REQUEUE_DEAD = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('SADD', KEYS[3], '1')
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+end
+return 1
+"""
+
 _FETCH_SCRIPT = Script(_FETCH)
+_STATS_SCRIPT = Script(_STATS)
+_PURGE_SCRIPT = Script(_PURGE)
+_REQUEUE_DEAD_SCRIPT = Script(_REQUEUE_DEAD)
+_LENGTH_SCRIPT = Script(_LENGTH)
 _RETURN_SCRIPT = Script(_RETURN)
 _GIVE_BACK_SCRIPT = Script(_GIVE_BACK)
 _BURY_SCRIPT = Script(_BURY)
+_RESEND_SCRIPT = Script(_RESEND)
 
 
 class _Keys:
     """Key names of one queue."""
 
-    __slots__ = ("base", "dead", "delayed", "queue", "wake", "workers")
+    __slots__ = ("base", "dead", "delayed", "levels", "marker", "queue", "route", "wake", "workers")
 
     def __init__(self, prefix: str, queue: str) -> None:
         self.queue = f"{prefix}:{{{queue}}}"
@@ -191,6 +329,21 @@ class _Keys:
         self.dead = self.base + "dead"
         self.delayed = self.base + "delayed"
         self.wake = self.delayed + ":wake"
+        self.levels = tuple(
+            self.queue if n == 0 else f"{self.queue}{LEVEL_KEY}{n}" for n in range(MAX_PRIORITY + 1)
+        )
+        """The list of each priority, 0 (the queue's own list) to 9."""
+        self.marker = self.base + "priorities"
+        """Exists while a priority list may hold messages: a plain fetch checks only this."""
+        self.route = (self.queue, self.marker, *self.levels[1:])
+        """The 11 keys a script that returns messages declares (``LUA_DESTINATION``)."""
+
+    def worker_keys(self, worker_ids: Sequence[str]) -> list[str]:
+        """Each worker's heartbeat and processing list, in pairs, for a script's KEYS."""
+        keys: list[str] = []
+        for worker_id in worker_ids:
+            keys += (self.alive(worker_id), self.processing(worker_id))
+        return keys
 
     def processing(self, worker_id: str) -> str:
         return f"{self.base}processing:{worker_id}"
@@ -260,14 +413,31 @@ class _RedisDelivery:
         keys = self._consumer.broker.keys(self.queue)
         await _GIVE_BACK_SCRIPT.run(
             self._consumer.broker.batcher,
-            [self.processing, keys.queue],
+            [self.processing, *keys.route],
             [self.body, "1" if count_attempt else "0"],
         )
         self._release()
 
-    async def dead_letter(self, reason: str) -> None:
+    async def resend(self, body: bytes, eta: float | None) -> None:
+        """Swap the message for ``body`` due at ``eta`` (a retry), atomically and fenced.
+
+        It goes through the delayed set even when due now: the movers put it at the front of
+        its queue, the same path every delayed message takes."""
+        keys = self._consumer.broker.keys(self.queue)
+        when = repr(eta if eta is not None else time.time())
+        await _RESEND_SCRIPT.run(
+            self._consumer.broker.batcher,
+            [self.processing, keys.delayed],
+            [self.body, body, when, keys.wake],
+        )
+        self._release()
+
+    async def dead_letter(self, reason: str, *, keep_body: bool = True) -> None:
         record = self._consumer.broker.dead_record(
-            self.queue, self.body, reason, max_size=self._consumer.max_size
+            self.queue,
+            self.body,
+            reason,
+            max_size=self._consumer.max_size if keep_body else -1,
         )
         keys = self._consumer.broker.keys(self.queue)
         await _BURY_SCRIPT.run(
@@ -300,7 +470,7 @@ class _RefusedDelivery:
     async def requeue(self, *, count_attempt: bool = False) -> None:
         return None
 
-    async def dead_letter(self, reason: str) -> None:
+    async def dead_letter(self, reason: str, *, keep_body: bool = True) -> None:
         return None
 
 
@@ -344,9 +514,7 @@ class _LeaseKeeper:
         return taken_at <= self.lapsed_until
 
     def _run(self) -> None:
-        client = SyncRedis.from_url(
-            self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
-        )
+        client = _sync_client(self._url, self._timeout)
         ttl_ms = int(self._ttl * 1000)
         failing = False
         try:
@@ -400,7 +568,11 @@ class _RedisConsumer:
         self._buffer: list[Delivery] = []
         self._waiters: dict[str, asyncio.Task[bytes]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
-        self._mover = DelayMover(broker, list(self._keys.values()))
+        # Resolved when a prioritised message arrives: the wait gives way. One future serves
+        # every wait until it fires (no task or future per wait on the idle round trip).
+        self._urgent: asyncio.Future[None] | None = None
+        self._turns = dict.fromkeys(self.queues, 0)  # takes towards the low turn (priorities.py)
+        self._mover = DelayMover(broker, list(self._keys.values()), on_urgent=self._on_urgent)
         self._lease: _LeaseKeeper | None = None
         self._blocking: RedisClient | None = None
         self._blockers: dict[str, CommandBatcher] = {}
@@ -408,6 +580,12 @@ class _RedisConsumer:
         # not counted here was moved by a command whose reply was lost, and is adopted.
         self._held: dict[str, Counter[bytes]] = {q: Counter() for q in self.queues}
         self._dirty: set[str] = set()
+
+    def _on_urgent(self) -> None:
+        if self._urgent is None:
+            self._urgent = asyncio.get_running_loop().create_future()
+        if not self._urgent.done():
+            self._urgent.set_result(None)
 
     def hold(self, queue: str, body: bytes) -> None:
         self._held[queue][body] += 1
@@ -438,6 +616,8 @@ class _RedisConsumer:
     async def fetch(
         self, max_count: int, timeout: float, wake: asyncio.Event | None = None
     ) -> list[Delivery]:
+        if self._urgent is not None and self._urgent.done():
+            self._urgent = None  # before the fetch script: a notice from now on ends the wait
         self._collect_waits()
         if self._dirty:
             await self._reconcile()
@@ -458,10 +638,17 @@ class _RedisConsumer:
         keys = self._keys[queue]
         processing = self._processing[queue]
         try:
-            moved, refused = await _FETCH_SCRIPT.run(
+            moved, refused, self._turns[queue] = await _FETCH_SCRIPT.run(
                 self.broker.batcher,
-                [keys.queue, processing, keys.dead],
-                [count, self.max_size or 0, queue, time.time(), DEAD_LETTER_PREFIX],
+                [keys.queue, processing, keys.dead, keys.marker, *keys.levels[1:]],
+                [
+                    count,
+                    self.max_size or 0,
+                    queue,
+                    time.time(),
+                    DEAD_LETTER_PREFIX,
+                    self._turns[queue],
+                ],
             )
         except AioQueueError:
             self._dirty.add(queue)  # the script may have run with its reply lost: reconcile
@@ -518,6 +705,9 @@ class _RedisConsumer:
     ) -> list[Delivery]:
         """Block until a message arrives on any queue (one BLMOVE per queue), or time out.
 
+        A prioritised message goes to a list no BLMOVE waits on: its notice (see
+        ``DelayMover``) ends the wait with nothing, and the worker's next fetch takes it.
+
         A BLMOVE that is still waiting when this returns stays in flight for the next call, so
         no message it takes is lost; with several queues it can bring at most one message per
         extra queue beyond ``max_count``, which waits in the buffer (already in this worker's
@@ -531,6 +721,9 @@ class _RedisConsumer:
         woken = loop.create_task(wake.wait()) if wake is not None else None
         if woken is not None:
             waits.add(woken)
+        if self._urgent is None:
+            self._urgent = loop.create_future()
+        waits.add(self._urgent)
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -549,7 +742,9 @@ class _RedisConsumer:
             self._blocking = self.broker.new_client("blocking")
         waiter = self._blockers.get(queue)
         if waiter is None:
-            waiter = self._blockers[queue] = CommandBatcher(self._blocking, self.broker.errors)
+            waiter = self._blockers[queue] = new_batcher(
+                self._blocking, self.broker.errors, self.broker.raw_url
+            )
         source, destination = self._keys[queue].queue, self._processing[queue]
 
         def stage(pipe: Commands) -> None:
@@ -563,16 +758,31 @@ class _RedisConsumer:
     async def _beat(self) -> None:
         ttl_ms = int(self.broker.heartbeat_ttl * 1000)
 
-        def stage(pipe: Commands) -> None:
-            for keys in self._keys.values():
-                # Heartbeat before membership: a sweep between the two must not see us dead.
-                pipe.set(keys.alive(self.worker_id), b"1", px=ttl_ms)
-                pipe.sadd(keys.workers, self.worker_id)
-            for keys in self._keys.values():
-                # EVAL (not EVALSHA) so a flushed script cache can never fail a heartbeat.
-                pipe.eval(_SWEEP, 2, keys.workers, keys.queue, keys.base)
+        def stage(pipe: Commands, keys: _Keys) -> None:
+            # Heartbeat before membership: a sweep between the two must not see us dead.
+            pipe.set(keys.alive(self.worker_id), b"1", px=ttl_ms)
+            pipe.sadd(keys.workers, self.worker_id)
+            pipe.smembers(keys.workers)
 
-        await self.broker.batcher.run(stage)
+        def sweep(pipe: Commands, keys: _Keys, workers: list[str]) -> None:
+            # EVAL (not EVALSHA) so a flushed script cache can never fail a heartbeat.
+            declared = [*keys.route, *keys.worker_keys(workers)]
+            pipe.eval(_SWEEP, len(declared) + 1, keys.workers, *declared, *workers)
+
+        # Per queue, two round trips: the registry is read first so the sweep declares every
+        # key it may touch (a cluster routes and checks by the declared keys).
+        for queue, keys in self._keys.items():
+            members = await self.broker.batcher.run(partial(stage, keys=keys))
+            workers = sorted(m.decode() for m in members if m.decode() != self.worker_id)
+            if not workers:
+                continue
+            moved = await self.broker.batcher.run(partial(sweep, keys=keys, workers=workers))
+            if moved:
+                log.warning(
+                    "recovered %d task(s) from dead worker(s): back to queue %s, attempt raised",
+                    moved,
+                    queue,
+                )
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -599,7 +809,7 @@ class _RedisConsumer:
             self._lease = None
         for queue, keys in self._keys.items():
             processing = self._processing[queue]
-            await _RETURN_SCRIPT.run(self.broker.batcher, [processing, keys.queue], ["1"])
+            await _RETURN_SCRIPT.run(self.broker.batcher, [processing, *keys.route], ["1"])
 
             def forget(pipe: Commands, keys: _Keys = keys) -> None:
                 pipe.srem(keys.workers, self.worker_id)
@@ -654,7 +864,7 @@ class RedisBroker:
         self._connect_timeout = connect_timeout
         self._client_name = client_name
         self.client = self.new_client("main")
-        self.batcher = CommandBatcher(self.client, self.errors)
+        self.batcher = new_batcher(self.client, self.errors, url)
         self._keys: dict[str, _Keys] = {}
 
     @property
@@ -673,7 +883,9 @@ class RedisBroker:
         return redis_errors_as(self._raw_url)
 
     def same_server(self, url: str) -> bool:
-        return url == self._raw_url
+        """True when a result backend on ``url`` may share transactions with this broker's
+        keys; never on a cluster, where a task's result and its queue live in other slots."""
+        return url == self._raw_url and isinstance(self.batcher, CommandBatcher)
 
     def keys(self, queue: str) -> _Keys:
         keys = self._keys.get(queue)
@@ -685,6 +897,8 @@ class RedisBroker:
         """Check the server answers, and warn once if it may evict queue keys when full."""
         with self.errors():
             await self.client.ping()
+        if not isinstance(self.batcher, CommandBatcher):
+            return  # a cluster: CONFIG answers per node (check maxmemory-policy on each)
         warning = await eviction_warning(self.batcher)
         if warning is not None:
             log.warning("%s: %s", self.url, warning)
@@ -702,6 +916,19 @@ class RedisBroker:
 
             await self.batcher.run(delay)
             return
+        level = priority_of(body)
+        if level:
+            key, wake = keys.levels[level], keys.wake
+
+            marker = keys.marker
+
+            def urgent(pipe: Commands) -> None:
+                pipe.lpush(key, body)
+                pipe.sadd(marker, "1")  # after the push: never a marker-less waiting message
+                pipe.publish(wake, URGENT)
+
+            await self.batcher.run(urgent)
+            return
         key = keys.queue
 
         def stage(pipe: Commands) -> None:
@@ -712,10 +939,15 @@ class RedisBroker:
     async def publish_many(self, items: Sequence[Outgoing]) -> None:
         grouped: dict[str, list[bytes]] = {}
         delayed: dict[_Keys, list[float | bytes]] = {}
+        urgent: set[_Keys] = set()  # queues sent prioritised messages
         now = time.time()
         for queue, body, eta in items:
             if eta is not None and eta > now:
                 delayed.setdefault(self.keys(queue), []).extend((eta, body))
+            elif level := priority_of(body):
+                keys = self.keys(queue)
+                grouped.setdefault(keys.levels[level], []).append(body)
+                urgent.add(keys)
             else:
                 grouped.setdefault(self.keys(queue).queue, []).append(body)
 
@@ -728,6 +960,9 @@ class RedisBroker:
                     pipe.zadd(keys.delayed, *pairs[start : start + 2000])
                 earliest = min(pairs[0::2])
                 pipe.publish(keys.wake, repr(earliest).encode())
+            for keys in urgent:
+                pipe.sadd(keys.marker, "1")
+                pipe.publish(keys.wake, URGENT)
 
         await self.batcher.run(stage)
 
@@ -738,11 +973,14 @@ class RedisBroker:
 
     @staticmethod
     def dead_record(queue: str, body: bytes, reason: str, *, max_size: int | None) -> bytes:
-        """A dead letter's JSON record: the whole body, or its first bytes when oversized."""
+        """A dead letter's JSON record: the whole body, or its first bytes when oversized.
+
+        ``max_size=-1``: no byte of the body is kept, only its size.
+        """
         record: dict[str, Any] = {"queue": queue, "reason": reason, "at": time.time()}
         if max_size is not None and len(body) > max_size:
             record["size"] = len(body)
-            body = body[:DEAD_LETTER_PREFIX]
+            body = body[: DEAD_LETTER_PREFIX if max_size >= 0 else 0]
         try:
             record["body"] = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -750,8 +988,8 @@ class RedisBroker:
         return orjson.dumps(record)
 
     async def queue_length(self, queue: str) -> int:
-        with self.errors():
-            return int(await self.client.llen(self.keys(queue).queue))
+        """Waiting messages of every priority (one round trip)."""
+        return int(await _LENGTH_SCRIPT.run(self.batcher, list(self.keys(queue).levels), []))
 
     async def delayed_length(self, queue: str) -> int:
         """Messages of ``queue`` waiting for their eta (not counted by :meth:`queue_length`)."""
@@ -763,12 +1001,88 @@ class RedisBroker:
             raw = await self.client.lrange(self.keys(queue).dead, -limit, -1)
         return [_dead_letter(item) for item in reversed(raw)]
 
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """One round trip (a script): counts, live consumers, and the heads for the oldest age."""
+        keys = self.keys(queue)
+        workers = await self._workers_of(keys)
+        depth, delayed, in_flight, consumers, dead, heads = await _STATS_SCRIPT.run(
+            self.batcher,
+            [*keys.levels, keys.delayed, keys.dead, *keys.worker_keys(workers)],
+            workers,
+        )
+        return QueueStats(
+            queue=queue,
+            depth=int(depth),
+            delayed=int(delayed),
+            in_flight=int(in_flight),
+            consumers=int(consumers),
+            oldest_age=oldest_age(heads, time.time()),
+            dead=int(dead),
+        )
+
+    async def _workers_of(self, keys: _Keys) -> list[str]:
+        def stage(pipe: Commands) -> None:
+            pipe.smembers(keys.workers)
+
+        return sorted(member.decode() for member in await self.batcher.run(stage))
+
+    async def purge(self, queue: str) -> int:
+        keys = self.keys(queue)
+        return int(
+            await _PURGE_SCRIPT.run(self.batcher, [*keys.levels, keys.delayed, keys.marker], [])
+        )
+
+    async def _dead_records(
+        self, queue: str, ids: frozenset[str] | None
+    ) -> list[tuple[bytes, DeadLetter]]:
+        with self.errors():
+            raw = await self.client.lrange(self.keys(queue).dead, 0, -1)
+        picked = [(record, _dead_letter(record)) for record in raw]
+        return [(r, d) for r, d in picked if ids is None or dead_letter_id(d.body) in ids]
+
+    async def requeue_dead(self, queue: str, ids: frozenset[str] | None) -> int:
+        keys = self.keys(queue)
+        done = 0
+        for record, dead in await self._dead_records(queue, ids):
+            if dead.size is not None:
+                continue  # kept in part only: it cannot run
+            body = first_attempt(dead.body)
+            level = priority_of(body)
+            done += await _REQUEUE_DEAD_SCRIPT.run(
+                self.batcher,
+                [keys.dead, keys.levels[level], keys.marker],
+                [record, body, "1" if level else "0", keys.wake, URGENT],
+            )
+        return done
+
+    async def drop_dead(self, queue: str, ids: frozenset[str] | None) -> int:
+        dead_key = self.keys(queue).dead
+        picked = await self._dead_records(queue, ids)
+        if not picked:
+            return 0
+
+        def stage(pipe: Commands) -> None:
+            for record, _ in picked:
+                pipe.lrem(dead_key, 1, record)
+
+        await self.batcher.run(stage)
+        return len(picked)
+
     async def aclose(self) -> None:
         await self.batcher.aclose()
         await self.client.aclose()
 
     def __repr__(self) -> str:
         return f"RedisBroker({self.url!r}, key_prefix={self.key_prefix!r})"
+
+
+def _sync_client(url: str, timeout: float) -> Any:
+    """A blocking client for the lease thread: single-node, or the cluster's for a cluster URL."""
+    if is_cluster_url(url):
+        from .._redis_cluster import sync_cluster
+
+        return sync_cluster(url, timeout=timeout)
+    return SyncRedis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 def _dead_letter(raw: bytes) -> DeadLetter:

@@ -1,7 +1,9 @@
 """A process-pool child: ``python -m aioqueue.worker.child module:app serializer``.
 
 It imports the app itself, says ``["ready"]``, then runs one task per frame read from stdin and
-answers ``["ok", value]`` or ``["err", type, message, args, traceback]`` on the real stdout.
+answers ``["ok", value]`` or ``["err", type, message, args, traceback]`` on the real stdout. A
+bound task's ``ctx.update_state_blocking`` sends ``["state", state, meta]`` frames before the
+answer; the worker stores each one as it comes (the child does not wait for that).
 File descriptor 1 is pointed at stderr first, so a task that prints cannot corrupt the frames.
 EOF on stdin means "retire": the child exits 0.
 """
@@ -17,6 +19,9 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from ..context import Context
+from ..errors import Retry
+from ..masking import wrap_secrets
 from ..serializers import Serializer, get_serializer
 from .executors import FRAME_HEADER, SYS_PATH_ENV
 
@@ -37,21 +42,49 @@ def _write_frame(stream: BinaryIO, payload: bytes) -> None:
     stream.flush()
 
 
-def _error_reply(serializer: Serializer, exc: BaseException) -> bytes:
-    exc_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
+def _type_name(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
+
+
+def _json_args(exc: BaseException) -> list[Any]:
     try:
         orjson.dumps(exc.args)
-        args: list[Any] = list(exc.args)
+        return list(exc.args)
     except TypeError:
-        args = [str(exc)]
+        return [str(exc)]
+
+
+def _error_reply(serializer: Serializer, exc: BaseException) -> bytes:
+    args = _json_args(exc)
+    if isinstance(exc, Retry):  # the parent rebuilds it: ChildTaskError.rebuild
+        inner = exc.exc
+        args = [
+            exc.countdown,
+            exc.eta,
+            exc.max_retries,
+            exc.reason,
+            None if inner is None else _type_name(inner),
+            None if inner is None else str(inner),
+            None if inner is None else _json_args(inner),
+        ]
     text = "".join(traceback.format_exception(exc))
-    return serializer.dumps(["err", exc_type, str(exc), args, text])
+    return serializer.dumps(["err", _type_name(exc), str(exc), args, text])
 
 
-def _run_one(app: Any, serializer: Serializer, frame: bytes) -> bytes:
+def _run_one(app: Any, serializer: Serializer, frame: bytes, frames_out: BinaryIO) -> bytes:
+    def send_state(state: str, meta: Any) -> None:
+        _write_frame(frames_out, serializer.dumps(["state", state, meta]))
+
     try:
-        name, args, kwargs = serializer.loads(frame)
-        fn = app.get_task(name).fn
+        name, args, kwargs, *context = serializer.loads(frame)
+        task = app.get_task(name)
+        fn = task.fn
+        if task.arguments is not None:  # typed hints: the frame is JSON, rebuild them here too
+            args, kwargs = task.arguments.apply(tuple(args), kwargs)
+        if task.secret_params:  # the frame carried plain values (JSON has no wrapper)
+            args, kwargs = wrap_secrets(task, tuple(args), kwargs)
+        if context:  # a bound task: its Context first, its states sent to the worker
+            args = [Context(**context[0], update_blocking=send_state), *args]
         value = fn(*args, **kwargs)
         if inspect.isawaitable(value):
             raise TypeError(f"process task {name} returned an awaitable; make it a plain function")
@@ -100,7 +133,7 @@ def main() -> None:
     serializer = get_serializer(serializer_name)
     _write_frame(frames_out, serializer.dumps(["ready"]))
     while (frame := _read_frame(frames_in)) is not None:
-        _write_frame(frames_out, _run_one(app, serializer, frame))
+        _write_frame(frames_out, _run_one(app, serializer, frame, frames_out))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Writes from concurrent tasks (stores, acks) share pipelines through the command 
 under load a round trip carries many tasks' writes. Per task the worker makes a Message, a
 Delivery, an Outcome and a Disposition, and one asyncio task; nothing else on the hot path.
 
-A message not due yet (a future ``eta``) is parked: its slot is freed and the worker keeps the
+A message not due yet (a future ``eta``), or a limited task over its rate limit or concurrency
+cap (:mod:`aioqueue.worker.limiting`), is parked: its slot is freed and the worker keeps the
 delivery, coming back to it when it is due (or giving it back untouched before the broker's own
 limit on holding a message, AMQP's consumer timeout).
 
@@ -36,18 +37,26 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from .._limiter import limiter_for
 from ..backends.base import StoresWithAck
 from ..errors import AioQueueError, BrokerConnectionError, ConfigurationError, ResultBackendError
+from ..events import run_heartbeats
+from ..periodic.scheduler import Scheduler
+from .consumers import QueueSwitch
 from .executors import Runner
 from .handler import Handler, Park
-from .settle import Disposition, Requeue, Settler
+from .limiting import Gate, Limits
+from .revocations import Revocations
+from .settle import Disposition, Reject, Requeue, Settler
 from .slots import Slots
 from .watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
+    from .._control_bus import Listening
     from ..app import App
     from ..backends.base import ResultBackend
     from ..brokers.base import Broker, Consumer, Delivery
+    from ..metrics import WorkerMetrics
 
 __all__ = ["Worker"]
 
@@ -73,6 +82,9 @@ class Worker:
         burst: bool = False,
         shutdown_timeout: float | None = None,
         worker_id: str | None = None,
+        schedule: bool = True,
+        metrics_port: int | None = None,
+        metrics_addr: str | None = None,
     ) -> None:
         conf = app.conf
         self.app = app
@@ -93,6 +105,9 @@ class Worker:
         """Messages settled with an outcome (run, failed, rejected) by this worker."""
         self.returned = 0
         """Messages given back to their queue unfinished."""
+        self.dead_lettered: dict[str, int] = {}
+        """Messages this worker dead-lettered, by queue."""
+        self.started_at = time.time()
         self._slots = Slots(self.concurrency)
         self._runner = Runner(
             app,
@@ -100,7 +115,7 @@ class Worker:
             processes=processes if processes is not None else conf.worker_processes,
             max_tasks_per_child=max_tasks_per_child or conf.worker_max_tasks_per_child,
         )
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], Delivery] = {}  # handled now, and for what
         self._parked: dict[Delivery, asyncio.TimerHandle | None] = {}
         self._resuming: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -109,12 +124,39 @@ class Worker:
         self._hurry = asyncio.Event()
         self._wake = asyncio.Event()  # a parked message fell due: the fetch wait gives way
         self._consumer: Consumer | None = None
+        self._fetching: Consumer | None = None  # the consumer a fetch waits on now
+        self.switch = QueueSwitch(self)
+        """add_consumer / cancel_consumer: change the queues while running."""
         self._handler: Handler | None = None
         self._settler: Settler | None = None
+        # Periodic entries are checked now, before any I/O; burst workers do not schedule.
+        self._scheduler = (
+            Scheduler(app, owner=f"worker {self.id}")
+            if schedule and not burst and app.periodic_entries()
+            else None
+        )
+        self._revocations = Revocations(self._terminate)
+        self._limits = Limits(app.tasks)
+        self._gate: Gate | None = None
+        self._listening: Listening | None = None
+        self._metrics_at = self._metrics_address(metrics_port, metrics_addr)
+        self._metrics: WorkerMetrics | None = None
+        if self._metrics_at is not None:  # the module (and prometheus_client) only when asked
+            from ..metrics import WorkerMetrics
+
+            self._metrics = WorkerMetrics(self, interval=conf.worker_metrics_interval)
         self._watchdog = LoopWatchdog(
             ((name, task.fn) for name, task in app.tasks.items() if task.executor == "async"),
             threshold=max(1.0, conf.worker_heartbeat_interval),
         )
+
+    def _metrics_address(self, port: int | None, addr: str | None) -> tuple[int, str] | None:
+        port = port if port is not None else self.app.conf.worker_metrics_port
+        if port is None:
+            return None
+        from ..metrics import check_port
+
+        return check_port(port), addr or self.app.conf.worker_metrics_addr
 
     def _default_queues(self) -> tuple[str, ...]:
         names = {t.queue for t in self.app.tasks.values() if t.queue}
@@ -127,18 +169,50 @@ class Worker:
         connected = await self._connect()
         if connected is None:
             return  # stopped before the broker came up
-        broker, backend = connected
+        try:
+            if self._metrics is not None and self._metrics_at is not None:
+                self._metrics.start(*self._metrics_at)
+            await self._serve(*connected)
+        finally:
+            if self._metrics is not None:
+                await self._metrics.aclose()
+            if self._listening is not None:
+                await self._listening.aclose()
+                self._listening = None
+
+    async def _serve(self, broker: Broker, backend: ResultBackend) -> None:
         joint = (
             backend
             if isinstance(backend, StoresWithAck) and backend.shares_server_with(broker)
             else None
         )
-        self._settler = Settler(backend, joint)
+        from ..canvas.flows import Flows  # here: canvas imports the worker's settle types
+
+        flows = Flows(self.app, broker, backend, atomic=joint is not None)
+        self._settler = Settler(backend, joint, broker, flows)
         await self._runner.start()
         self._consumer = broker.consumer(
             self.queues, worker_id=self.id, max_size=self.app.codec.max_size
         )
-        self._handler = Handler(self.app, self._runner, backend, max_hold=self._consumer.max_hold)
+        self._gate = Gate(
+            limiter_for(self.app),
+            self.app.codec,
+            worker_id=self.id,
+            lease_ttl=self.app.conf.concurrency_lease_ttl,
+            max_hold=self._consumer.max_hold,
+        )
+        self._handler = Handler(
+            self.app,
+            self._runner,
+            backend,
+            max_hold=self._consumer.max_hold,
+            worker_id=self.id,
+            revocations=self._revocations,
+            gate=self._gate,
+            limited=self._limits.active,
+            observers=() if self._metrics is None else (self._metrics,),
+        )
+        self._handler.flows = flows
         await self._consumer.start()
         self._watchdog.start()
         log.info(
@@ -151,17 +225,37 @@ class Worker:
         self.ready.set()
         consuming = asyncio.get_running_loop().create_task(self._consume(self._consumer))
         stopping = asyncio.get_running_loop().create_task(self._stop.wait())
+        scheduling = (
+            asyncio.get_running_loop().create_task(self._scheduler.run())
+            if self._scheduler is not None
+            else None
+        )
+        beating = (
+            asyncio.get_running_loop().create_task(run_heartbeats(self))
+            if self.app.conf.events
+            else None
+        )
         try:
             await asyncio.wait({consuming, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if consuming.done():
                 consuming.result()  # an unexpected error in the loop surfaces here
         finally:
+            if scheduling is not None and self._scheduler is not None:
+                self._scheduler.stop()
+                with contextlib.suppress(Exception):
+                    await scheduling
+            if beating is not None:
+                beating.cancel()  # it says worker-offline as it ends
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beating
             stopping.cancel()
             consuming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consuming
             self._watchdog.stop()
             await self._shutdown(self._consumer)
+            if self._gate is not None:
+                await self._gate.aclose()
 
     async def _connect(self) -> tuple[Broker, ResultBackend] | None:
         """Connect, retrying with backoff while the broker or backend is not up yet.
@@ -172,7 +266,9 @@ class Worker:
         delay = 0.5
         while True:
             try:
-                return await self.app.ready_broker(), await self.app.ready_backend()
+                connected = await self.app.ready_broker(), await self.app.ready_backend()
+                await self._listen()
+                return connected
             except (BrokerConnectionError, ResultBackendError) as exc:
                 log.warning(
                     "worker %s cannot connect yet: %s; retrying in %.1fs", self.id, exc, delay
@@ -183,6 +279,26 @@ class Worker:
             if self._stop.is_set():
                 return None
             delay = min(delay * 2, 10.0)
+
+    async def _listen(self) -> None:
+        """Receive revocations (the kept ones first) before the first fetch."""
+        if self._listening is not None:
+            return
+        try:
+            control = self.app.control
+            control.bus()
+        except ConfigurationError as exc:
+            log.info("worker %s: revoke is not available: %s", self.id, exc)
+            return
+        from .remote import Responder
+
+        self._listening = await control.listen(
+            self._revocations.add, self._limits.change, Responder(self, control.bus()).on_request
+        )
+
+    def _terminate(self, task_id: str) -> None:
+        if self._handler is not None:
+            self._handler.terminate(task_id)
 
     def stop(self, *, hurry: bool = False) -> None:
         """Stop fetching and drain; ``hurry=True`` cancels running tasks without a grace period."""
@@ -227,6 +343,7 @@ class Worker:
         if self._running:
             await asyncio.wait(set(self._running))
         await consumer.close()
+        await self.switch.aclose()  # consumers retired by a queue change
         await self._runner.aclose()
         log.info(
             "worker %s stopped: %d task(s) settled, %d returned to their queue",
@@ -259,7 +376,9 @@ class Worker:
         while True:
             await self._slots.acquire()
             held = 1 + self._slots.take_up_to(batch - 1)
+            consumer = self._consumer or consumer  # swapped by add/cancel_consumer
             try:
+                self._fetching = consumer
                 deliveries = await consumer.fetch(held, wait, self._wake)
                 self._wake.clear()
             except AioQueueError as exc:
@@ -278,6 +397,8 @@ class Worker:
             except BaseException:
                 self._slots.release(held)
                 raise
+            finally:
+                self._fetching = None
             backoff = 0.05
             if len(deliveries) < held:
                 self._slots.release(held - len(deliveries))
@@ -291,12 +412,12 @@ class Worker:
 
     def _start(self, delivery: Delivery, resumed: Park | None = None) -> None:
         task = asyncio.get_running_loop().create_task(self._handle(delivery, resumed))
-        self._running.add(task)
+        self._running[task] = delivery
         self._idle.clear()
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
+        self._running.pop(task, None)
         self._slots.release()
         if not self._running:
             self._idle.set()
@@ -313,7 +434,11 @@ class Worker:
             decision = Requeue(count_attempt=False)
         else:
             try:
-                decision = await self._handler.decide(delivery, due=resumed is not None)
+                decision = await self._handler.decide(
+                    delivery,
+                    due=resumed is not None,
+                    parked=resumed,
+                )
             except Exception:
                 # A bug of ours (or of a hook) must not strand the message: it goes back with
                 # its attempt raised, so max_attempts ends the loop if it keeps happening.
@@ -327,11 +452,14 @@ class Worker:
             self.returned += 1
         else:
             self.processed += 1
+            if type(decision) is Reject:
+                queue = delivery.queue
+                self.dead_lettered[queue] = self.dead_lettered.get(queue, 0) + 1
 
     def _park(self, delivery: Delivery, park: Park) -> None:
         """Free the slot, keep the delivery, and come back to it at ``park.until``."""
         loop = asyncio.get_running_loop()
-        delay = max(0.0, park.until - time.time())
+        delay = max(0.0, park.until - self.app.clock())
         self._parked[delivery] = loop.call_later(delay, self._unpark, delivery, park)
 
     def _unpark(self, delivery: Delivery, park: Park) -> None:
@@ -354,3 +482,24 @@ class Worker:
     def parked(self) -> int:
         """Messages held for a future eta, not occupying a slot."""
         return len(self._parked)
+
+    @property
+    def in_flight(self) -> int:
+        """Messages this worker holds and is running or settling now."""
+        return len(self._running)
+
+    @property
+    def free_slots(self) -> int:
+        """Slots not running a message (those a waiting fetch holds count as free: it gives
+        back what it does not fill)."""
+        return self.concurrency - len(self._running)
+
+    @property
+    def process_children(self) -> int:
+        """Live process-pool children (0 before the first process task)."""
+        return self._runner.process_children
+
+    @property
+    def metrics(self) -> WorkerMetrics | None:
+        """The worker's Prometheus metrics when it serves them (see :mod:`aioqueue.metrics`)."""
+        return self._metrics

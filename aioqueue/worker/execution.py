@@ -26,11 +26,14 @@ import asyncio
 import time
 import traceback
 from collections.abc import Coroutine, Generator
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
 
+from ..context import Context, Running, running_task
 from ..errors import (
+    AioQueueError,
     ConfigurationError,
     InvalidArguments,
     SerializationError,
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
     from ..app import App
     from ..task import Task
 
-__all__ = ["execute", "execute_eagerly", "failure_outcome", "type_name"]
+__all__ = ["Ran", "encode_or_fail", "execute", "failure_outcome", "type_name"]
 
 
 def type_name(exc_type: type[BaseException]) -> str:
@@ -81,16 +84,54 @@ def _arguments_fit(task: Task[Any, Any], message: Message) -> str | None:
     return None
 
 
+def _positional(task: Task[Any, Any], message: Message, running: Running | None) -> tuple[Any, ...]:
+    """A bound task's positional arguments: its Context first."""
+    assert running is not None
+    return (Context.of(running), *message.args)
+
+
 async def _call(
-    task: Task[Any, Any], message: Message, runner: Runner, on_start: OnStart | None
+    task: Task[Any, Any],
+    message: Message,
+    runner: Runner,
+    on_start: OnStart | None,
+    running: Running | None,
 ) -> Any:
     if task.executor == "async":
         if on_start is not None:
             await on_start()
-        return await task.fn(*message.args, **message.kwargs)
+        args = _positional(task, message, running) if task.bind else message.args
+        return await task.fn(*args, **message.kwargs)
     if task.executor == "thread":
-        return await runner.run_in_thread(task.fn, message.args, message.kwargs, on_start)
-    return await runner.run_in_process(task, message.args, message.kwargs, on_start)
+        args = _positional(task, message, running) if task.bind else message.args
+        return await runner.run_in_thread(task.fn, args, message.kwargs, on_start)
+    context = on_state = None
+    if task.bind:
+        assert running is not None
+        context = child_context(running)
+        sink = running[3]
+        on_state = sink.state_writer(message) if sink is not None else None
+    return await runner.run_in_process(
+        task, message.args, message.kwargs, on_start, context, on_state
+    )
+
+
+def child_context(running: Running) -> dict[str, Any]:
+    """A bound process task's Context as plain values, for the child to rebuild."""
+    message, attempt = running[0], running[1]
+    return {
+        "id": message.id,
+        "name": message.task,
+        "queue": message.queue,
+        "attempt": attempt,
+        "retries": message.retries,
+        "eta": message.eta,
+        "expires": message.expires,
+        "headers": message.headers,
+        "parent_id": message.parent_id,
+        "root_id": message.root_id,
+        "is_eager": running[4],
+    }
 
 
 class _Limits:
@@ -199,6 +240,7 @@ async def _call_limited(
     on_start: OnStart | None,
     hard: float | None,
     soft: float | None,
+    running: Running | None,
 ) -> Any:
     """``_call`` under the time limits; raises TimeLimitExceeded at the hard one."""
     if soft is not None and hard is not None and soft >= hard:
@@ -207,7 +249,7 @@ async def _call_limited(
     limits = _Limits(hard, soft, scope, on_start)
     try:
         async with scope:
-            value = await _limited(task, message, runner, limits)
+            value = await _limited(task, message, runner, limits, running)
     except Exception as exc:
         if scope.expired():
             raise _time_limit_exceeded(task, hard) from exc
@@ -217,11 +259,19 @@ async def _call_limited(
     return value
 
 
-async def _limited(task: Task[Any, Any], message: Message, runner: Runner, limits: _Limits) -> Any:
+async def _limited(
+    task: Task[Any, Any],
+    message: Message,
+    runner: Runner,
+    limits: _Limits,
+    running: Running | None,
+) -> Any:
     if task.executor != "async":
-        return await _call(task, message, runner, limits)  # limits start with the thread/child
+        # limits start with the thread/child
+        return await _call(task, message, runner, limits, running)
     await limits()
-    coro = task.fn(*message.args, **message.kwargs)
+    args = _positional(task, message, running) if task.bind else message.args
+    coro = task.fn(*args, **message.kwargs)
     if limits.soft is None:
         return await coro
     try:
@@ -252,14 +302,36 @@ def _limits_of(
     return hard, soft, None
 
 
-async def execute(
-    task: Task[Any, Any], message: Message, runner: Runner, on_start: OnStart | None = None
-) -> tuple[Outcome, str | None]:
+Ran: TypeAlias = tuple[Outcome, "str | None", "BaseException | None"]
+"""How one run ended: (the outcome, why the message is bad or None, the exception the task
+raised or None: rebuilt here for a process task, for retries and hooks). A plain tuple: one is
+made per task."""
+
+
+async def execute(  # noqa: C901 - one flat pass; a helper would cost every task an await
+    task: Task[Any, Any],
+    message: Message,
+    runner: Runner,
+    on_start: OnStart | None = None,
+    running: Running | None = None,
+) -> Ran:
     """Run the task; returns its outcome and, when the message itself is bad, why.
 
-    A TypeError is only blamed on the message after checking that its arguments really do not
-    bind to the signature, so the check costs nothing on the success path.
+    ``running`` is what :func:`~aioqueue.current_context` reports inside the task (and a bound
+    task's Context). A TypeError is only blamed on the message after checking that its
+    arguments really do not bind to the signature, so the check costs nothing on the success
+    path.
     """
+    error: AioQueueError
+    if task.arguments is not None:  # typed hints: rebuild (and check) the arguments first
+        try:
+            args, kwargs = task.arguments.apply(message.args, message.kwargs)
+        except ValueError as exc:
+            unfit = f"arguments do not fit {task.name}{task.signature}: {exc}"
+            error = InvalidArguments(unfit)
+            return (failure_outcome(message.id, error), unfit, error)
+        message = replace(message, args=args, kwargs=kwargs)
+    token = running_task.set(running) if running is not None else None
     try:
         if (
             message.timeout is None
@@ -267,27 +339,33 @@ async def execute(
             and task.timeout is None
             and task.soft_timeout is None
         ):
-            value = await _call(task, message, runner, on_start)
+            value = await _call(task, message, runner, on_start, running)
         else:
             hard, soft, bad = _limits_of(task, message)
             if bad is not None:
-                return failure_outcome(message.id, ConfigurationError(bad)), bad
-            value = await _call_limited(task, message, runner, on_start, hard, soft)
+                error = ConfigurationError(bad)
+                return (failure_outcome(message.id, error), bad, error)
+            value = await _call_limited(task, message, runner, on_start, hard, soft, running)
     except ChildTaskError as exc:
         outcome = exc.outcome(message.id)
         if outcome.exc_type == "builtins.TypeError":
             reason = _arguments_fit(task, message)
             if reason is not None:
-                return failure_outcome(message.id, InvalidArguments(reason)), reason
-        return outcome, None
+                error = InvalidArguments(reason)
+                return (failure_outcome(message.id, error), reason, error)
+        return (outcome, None, exc.rebuild())
     except TypeError as exc:
         reason = _arguments_fit(task, message)
         if reason is not None:
-            return failure_outcome(message.id, InvalidArguments(reason)), reason
-        return failure_outcome(message.id, exc), None
+            error = InvalidArguments(reason)
+            return (failure_outcome(message.id, error), reason, error)
+        return (failure_outcome(message.id, exc), None, exc)
     except Exception as exc:
-        return failure_outcome(message.id, exc), None
-    return Outcome(message.id, States.SUCCESS, value, date_done=time.time()), None
+        return (failure_outcome(message.id, exc), None, exc)
+    finally:
+        if token is not None:
+            running_task.reset(token)
+    return Outcome(message.id, States.SUCCESS, value, date_done=time.time()), None, None
 
 
 def encode_or_fail(app: App, outcome: Outcome) -> tuple[bytes, Outcome, str | None]:
@@ -302,15 +380,3 @@ def encode_or_fail(app: App, outcome: Outcome) -> tuple[bytes, Outcome, str | No
         reason = f"result of {outcome.task_id} cannot be serialized: {exc}"
         failure = failure_outcome(outcome.task_id, SerializationError(reason))
         return app.codec.encode_outcome(failure), failure, reason
-
-
-async def execute_eagerly(app: App, task: Task[Any, Any], message: Message) -> Outcome:
-    """``Task.apply``: run here, round-trip the outcome through the codec, store nothing.
-
-    Process tasks run on a thread here: ``apply`` is for tests and scripts, not for isolation.
-    """
-    runner = Runner(app, threads=None, processes=0)  # anyio's default thread limiter
-    encoded_message = app.codec.decode(app.codec.encode(message))
-    outcome, _ = await execute(task, encoded_message, runner)
-    raw, _, _ = encode_or_fail(app, outcome)
-    return app.codec.decode_outcome(raw)

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import orjson
 
-from ..errors import ConfigurationError, WorkerLostError
+from ..context import Context, StateWriter
+from ..errors import AioQueueError, ConfigurationError, Retry, WorkerLostError
 from ..message import Outcome, States
 from ..serializers import get_serializer
 
@@ -42,6 +43,8 @@ FRAME_HEADER = struct.Struct(">I")
 CHILD_START_TIMEOUT = 60.0
 SYS_PATH_ENV = "AIOQUEUE_CHILD_SYS_PATH"
 
+RETRY_TYPE = f"{Retry.__module__}.{Retry.__qualname__}"
+
 OnStart = Callable[[], Awaitable[None]]
 """Called once a thread or child is free to run the task (records STARTED)."""
 
@@ -55,6 +58,29 @@ class ChildTaskError(Exception):
         self.message = message
         self.exc_args = tuple(args)
         self.traceback = traceback
+
+    def rebuild(self) -> BaseException:
+        """The child's exception as an instance of its own type where possible (a Retry with
+        its countdown and error), else RemoteError: for retry decisions and hooks."""
+        from ..result import rebuild_exception
+
+        if self.exc_type == RETRY_TYPE and len(self.exc_args) == 7:
+            countdown, eta, max_retries, reason, inner_type, inner_message, inner_args = (
+                self.exc_args
+            )
+            inner = None
+            if inner_type is not None:
+                inner = rebuild_exception(
+                    Outcome(
+                        "",
+                        States.FAILURE,
+                        exc_type=inner_type,
+                        exc_message=inner_message,
+                        exc_args=tuple(inner_args or ()),
+                    )
+                )
+            return Retry(countdown, exc=inner, eta=eta, max_retries=max_retries, reason=reason)
+        return rebuild_exception(self.outcome(""))
 
     def outcome(self, task_id: str) -> Outcome:
         return Outcome(
@@ -211,16 +237,28 @@ class ProcessPool:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         on_start: OnStart | None = None,
+        context: dict[str, Any] | None = None,
+        on_state: StateWriter | None = None,
     ) -> Any:
-        """Run a registered task in a child; raises ChildTaskError or WorkerLostError."""
-        payload = self._serializer.dumps([task_name, list(args), kwargs])
+        """Run a registered task in a child; raises ChildTaskError or WorkerLostError.
+
+        ``on_state`` stores the states a bound task reports while it runs (in order, each
+        before the next frame is read), so they all land before its outcome.
+        """
+        frame: list[Any] = [task_name, list(args), kwargs]
+        if context is not None:
+            frame.append(context)
+        payload = self._serializer.dumps(frame)
         await self._ensure_started()
         child = await self._idle.get()
         try:
             if on_start is not None:
                 await on_start()
             await child.send(payload)
-            reply = await child.receive()
+            kind, *rest = self._serializer.loads(await child.receive())
+            while kind == "state":
+                await self._forward_state(task_name, on_state, rest)
+                kind, *rest = self._serializer.loads(await child.receive())
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError) as exc:
             returncode = await child.proc.wait()
             self._replace(child)
@@ -233,7 +271,22 @@ class ProcessPool:
             self._replace(child)
             raise
         self._finished(child)
-        return self._unpack(reply)
+        if kind == "ok":
+            return rest[0]
+        raise ChildTaskError(*rest)
+
+    @staticmethod
+    async def _forward_state(
+        task_name: str, on_state: StateWriter | None, frame: list[Any]
+    ) -> None:
+        """A state is advice: one that cannot be stored is logged, the task goes on."""
+        if on_state is None:
+            return
+        state, meta = frame
+        try:
+            await on_state(state, meta)
+        except AioQueueError as exc:
+            log.warning("could not record state %r of %s: %s", state, task_name, exc)
 
     def _finished(self, child: _Child) -> None:
         child.tasks_done += 1
@@ -247,11 +300,9 @@ class ProcessPool:
         if child.proc.stdin is not None and not child.proc.stdin.is_closing():
             child.proc.stdin.close()  # EOF: the child finishes and exits 0
 
-    def _unpack(self, reply: bytes) -> Any:
-        kind, *rest = self._serializer.loads(reply)
-        if kind == "ok":
-            return rest[0]
-        raise ChildTaskError(*rest)
+    @property
+    def children(self) -> int:
+        return len(self._children)
 
     def begin_close(self) -> None:
         """From now on a child that ends is not replaced (shutdown is cancelling tasks)."""
@@ -354,10 +405,21 @@ class Runner:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         on_start: OnStart | None = None,
+        context: dict[str, Any] | None = None,
+        on_state: StateWriter | None = None,
     ) -> Any:
+        """``context``: a bound task's Context as plain values (the child rebuilds it);
+        ``on_state`` stores the states it reports."""
         if self._pool is None:  # Task.apply: eager runs use a thread, see execute_eagerly
+            if context is not None:
+                args = (Context(**context, update=on_state), *args)
             return await self.run_in_thread(task.fn, args, kwargs, on_start)
-        return await self._pool.run(task.name, args, kwargs, on_start)
+        return await self._pool.run(task.name, args, kwargs, on_start, context, on_state)
+
+    @property
+    def process_children(self) -> int:
+        """Live process-pool children (0 before the first process task starts them)."""
+        return 0 if self._pool is None else self._pool.children
 
     def begin_close(self) -> None:
         if self._pool is not None:

@@ -20,7 +20,6 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Any, ClassVar
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -38,6 +37,10 @@ def queue_name(base: str) -> str:
 
 
 def version_of(*dists: str) -> dict[str, str]:
+    # imported here: importlib.metadata pulls in email, zipfile and csv (~3 MB), and workers
+    # import this module, so a top-level import would inflate every worker's peak RSS
+    from importlib import metadata
+
     out: dict[str, str] = {}
     for dist in dists:
         try:

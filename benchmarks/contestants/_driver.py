@@ -6,7 +6,8 @@ reads one JSON command per line on stdin and writes one JSON reply per line on t
 stdout (the library's own prints are sent to stderr). Commands:
 
     describe | purge | cleanup | quit
-    enqueue   {n, batch}            timed sends of noop tasks, handles kept for drain_wait
+    enqueue   {n, batch, concurrency}  timed sends of noop tasks, handles kept for drain_wait
+                                    (concurrency > 1: that many coroutines sending in turn)
     prefill   {n, kind, ms}         untimed, fastest available way; handles kept
     drain_wait {timeout}            waits until every kept handle finished; rate from the
                                     first observed completion to the last
@@ -86,11 +87,21 @@ class Driver:
         await self.c.cleanup()
         return {}
 
-    async def cmd_enqueue(self, n: int, batch: bool) -> dict[str, Any]:
+    async def cmd_enqueue(self, n: int, batch: bool, concurrency: int = 1) -> dict[str, Any]:
         send = self.c.send
         handles: list[Any] = []
+        if concurrency > 1 and not self.c.async_client:
+            raise Unsupported("sync client: concurrent senders would be threads, not coroutines")
         t0 = time.perf_counter()
-        if batch:
+        if concurrency > 1:
+            # ``concurrency`` coroutines, each sending its share one at a time (awaited in turn)
+            async def sender(count: int) -> list[Any]:
+                return [await send() for _ in range(count)]
+
+            shares = [n // concurrency + (i < n % concurrency) for i in range(concurrency)]
+            for part in await asyncio.gather(*(sender(k) for k in shares)):
+                handles.extend(part)
+        elif batch:
             size = self.c.batch_size
             if size is None:
                 raise Unsupported("no batch enqueue API")

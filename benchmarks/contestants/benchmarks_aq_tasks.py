@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from _common import AMQP_URL, REDIS_URL, RESULT_TTL, TRANSPORT, queue_name, sleep_ms, spin_ms
 
 from aioqueue import App
@@ -14,6 +16,8 @@ app = App(
     key_prefix="aqbench",
     default_queue=QUEUE,
     result_ttl=float(RESULT_TTL),
+    # the "aioqueue-amqp-noconfirm" row: publishes not confirmed (at-most-once on a broker crash)
+    amqp_publisher_confirms=os.environ.get("BENCH_VARIANT") != "noconfirm",
 )
 
 

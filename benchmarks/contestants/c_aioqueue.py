@@ -49,6 +49,8 @@ class AioQueue(Contestant):
             "(json, acks_late=True)",
             "loop": "uvloop (policy installed by aq_worker.py; the CLI does not pick it)",
         }
+        if os.environ.get("BENCH_VARIANT") == "noconfirm":
+            self.settings["confirms"] = "amqp_publisher_confirms=False (at-most-once sends)"
 
     async def start(self) -> None:
         try:
