@@ -164,7 +164,7 @@ CLUSTER_URL: list[str] = [""]  # set by the redis_cluster fixture
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
     """A private Redis Cluster: 3 masters with 2 replicas each (so a master can be killed and
-    its promoted replica still has one), 1 s node timeout; ended by its pids."""
+    its promoted replica still has one); ended by its pids."""
     if not cluster_installed():
         if IN_CI:
             pytest.fail("redis-server and redis-cli are needed for the Redis Cluster tests")

@@ -2,7 +2,7 @@
 
 The contract suite runs on the cluster too (the ``redis-cluster`` transport in conftest.py);
 these tests cover what only a cluster has. The cluster is private (``redis_cluster`` fixture:
-3 masters, 3 replicas, 1 s node timeout) and its nodes are killed by their own pids.
+3 masters with 2 replicas each) and its nodes are killed by their own pids.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import CLUSTER_URL, delete_prefixed_cluster, running_worker
 from redis.crc import key_slot
-from redis_cluster import RedisClusterServers
+from redis_cluster import FAST_FAILOVER_MS, RedisClusterServers
 
 from aioqueue import App
 from aioqueue._redis_cluster import parse_cluster_url
@@ -115,8 +115,8 @@ async def test_killing_a_queues_master_mid_stream_loses_no_confirmed_send(
     """Sends confirmed with ``wait_replicas=1`` survive their master's SIGKILL.
 
     The queue's master is killed while a sender and a worker are busy; one of its two replicas
-    is promoted (1 s node timeout) and the other follows it, so writes are confirmed again
-    without the dead node. Every send that returned must run.
+    is promoted (the node timeout shortened to 1 s for this) and the other follows it, so
+    writes are confirmed again without the dead node. Every send that returned must run.
     """
     caplog.set_level(logging.WARNING)
     url = CLUSTER_URL[0] + "?wait_replicas=1&wait_timeout_ms=1000"
@@ -154,8 +154,9 @@ async def test_killing_a_queues_master_mid_stream_loses_no_confirmed_send(
             sending = asyncio.create_task(sender())
             try:
                 await confirmed_at_least(200)
-                master.kill()  # SIGKILL, by its pid
-                await _wait_healthy(redis_cluster)
+                with redis_cluster.node_timeout(FAST_FAILOVER_MS):
+                    master.kill()  # SIGKILL, by its pid
+                    await _wait_healthy(redis_cluster)
                 promoted = redis_cluster.master_of(f"{key_prefix}:{{default}}")
                 assert promoted.port != master.port
                 await confirmed_at_least(len(confirmed) + 200)
