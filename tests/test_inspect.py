@@ -127,3 +127,34 @@ async def test_asking_every_worker_returns_once_each_live_one_answered(
             assert loop.time() - began < 10
             holding = await app.control.inspect(timeout=20).holding()
             assert holding == {one.id: {}, two.id: {}} and holding.everyone
+
+
+# two apps are two processes' view of one broker: memory:// brokers are each app's own
+@pytest.mark.parametrize("transport", ["redis", "amqp-redis", "amqp-rpc"])
+async def test_a_shutdown_is_answered_before_the_worker_closes_its_connections(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As ``aioqueue worker`` does, the worker's app is closed as soon as ``run()`` returns:
+    the reply to the shutdown that stopped it must have gone out by then, even when it is slow
+    to send (CI once saw ``aioqueue control shutdown`` get no reply on RabbitMQ)."""
+    worker_app, client = make_app("stopped"), make_app("stopper")
+    bus = worker_app.control.bus()
+    reply = bus.reply
+
+    async def slow_reply(to: str, payload: dict[str, object]) -> None:
+        await asyncio.sleep(0.3)  # the worker's run() returns meanwhile
+        await reply(to, payload)
+
+    monkeypatch.setattr(bus, "reply", slow_reply)
+    worker = worker_app.worker(concurrency=2, processes=1)
+
+    async def serve() -> None:  # aioqueue.cli._run_worker's shape
+        async with worker_app:
+            await worker.run()
+
+    async with client:
+        serving = asyncio.get_running_loop().create_task(serve())
+        await asyncio.wait_for(worker.ready.wait(), timeout=20)
+        answers = await client.control.shutdown(worker.id, timeout=10)
+        assert answers == {worker.id: "shutting down"}
+        await asyncio.wait_for(serving, timeout=20)

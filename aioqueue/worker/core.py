@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from ..backends.base import ResultBackend
     from ..brokers.base import Broker, Consumer, Delivery
     from ..metrics import WorkerMetrics
+    from .remote import Responder
 
 __all__ = ["Worker"]
 
@@ -139,6 +140,7 @@ class Worker:
         self._limits = Limits(app.tasks)
         self._gate: Gate | None = None
         self._listening: Listening | None = None
+        self._responder: Responder | None = None
         self._metrics_at = self._metrics_address(metrics_port, metrics_addr)
         self._metrics: WorkerMetrics | None = None
         if self._metrics_at is not None:  # the module (and prometheus_client) only when asked
@@ -176,6 +178,8 @@ class Worker:
         finally:
             if self._metrics is not None:
                 await self._metrics.aclose()
+            if self._responder is not None:  # a shutdown's own reply among them
+                await self._responder.finish()
             if self._listening is not None:
                 await self._listening.aclose()
                 self._listening = None
@@ -292,8 +296,9 @@ class Worker:
             return
         from .remote import Responder
 
+        self._responder = Responder(self, control.bus())
         self._listening = await control.listen(
-            self._revocations.add, self._limits.change, Responder(self, control.bus()).on_request
+            self._revocations.add, self._limits.change, self._responder.on_request
         )
 
     def _terminate(self, task_id: str) -> None:

@@ -63,6 +63,10 @@ def mask_arguments(value: Any, name: str = "") -> Any:
     return masked
 
 
+REPLY_GRACE = 5.0
+"""Seconds a stopping worker waits for the answers it is still sending."""
+
+
 class Responder:
     """Answers the requests addressed to one worker (all of them, or it by id)."""
 
@@ -99,6 +103,13 @@ class Responder:
         task = asyncio.get_running_loop().create_task(self._answer(command))
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
+
+    async def finish(self) -> None:
+        """Let the answers being sent go out (bounded by ``REPLY_GRACE``) before the worker
+        closes its connections: a shutdown's reply is sent after the worker was told to stop,
+        and an idle worker stops at once, so without this wait the asker could miss it."""
+        if self._answering:
+            await asyncio.wait(set(self._answering), timeout=REPLY_GRACE)
 
     async def _answer(self, command: dict[str, Any]) -> None:
         method = command.get("method")
