@@ -116,7 +116,7 @@ async def call_hook(owner: str, name: str, hook: Any, *args: Any) -> Any:
 class MiddlewareHooks:
     """The worker-side middleware hooks an app overrides, looked up once per worker."""
 
-    __slots__ = ("after", "before", "errors", "observers", "progress", "received")
+    __slots__ = ("after", "before", "errors", "observers", "observers_only", "progress", "received")
 
     def __init__(
         self, middleware: Sequence[Middleware], observers: Sequence[RunObserver] = ()
@@ -128,6 +128,11 @@ class MiddlewareHooks:
         self.before = [m for m in middleware if overrides(m, Middleware, "before_execute")]
         self.after = [m for m in middleware if overrides(m, Middleware, "after_execute")]
         self.errors = [m for m in middleware if overrides(m, Middleware, "on_error")]
+        self.observers_only = bool(self.observers) and not (
+            self.received or self.progress or self.before or self.after or self.errors
+        )
+        """Nothing to await: a worker calls the observers itself and spares a coroutine per
+        hook and task (events and metrics on, no middleware of the app's own)."""
 
     def __bool__(self) -> bool:
         return bool(

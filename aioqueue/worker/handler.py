@@ -353,12 +353,20 @@ class Handler:
             args, kwargs = wrap_secrets(task, message.args, message.kwargs)
             message = replace(message, args=args, kwargs=kwargs)
         running: Running = (message, delivery.attempt, self._worker_id, self, False)
-        observed = self._observed
+        observed, hooks = self._observed, self._middleware
         if observed:
-            await self._middleware.on_received(running)
+            if hooks.observers_only:
+                for observer in hooks.observers:
+                    observer.received(running)
+            else:
+                await hooks.on_received(running)
         on_start = await self._prepare(delivery, task, message, ttl)
         if observed:
-            await self._middleware.before_execute(running)
+            if hooks.observers_only:
+                for observer in hooks.observers:
+                    observer.started(running)
+            else:
+                await hooks.before_execute(running)
         if self._revoked and message.id in self._revoked:  # learnt while it was being prepared
             revoked = Outcome.revoked(message.id, "revoked")
             return Ack(self._store(message.id, revoked, ttl, message), ack=not early_ack)
@@ -392,7 +400,11 @@ class Handler:
         reason = bad_input or bad_result
         _log_outcome(task, message, delivery.attempt, recorded, reason, started)
         if task.hooks or observed:
-            await observe(task, self._middleware, running, recorded, error)
+            if task.hooks or not hooks.observers_only:
+                await observe(task, hooks, running, recorded, error)
+            else:
+                for observer in hooks.observers:
+                    observer.finished(running, recorded)
         store = Store.of(message, raw, ttl)
         if reason is not None and not early_ack:
             return Reject(reason, store)
