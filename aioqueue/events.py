@@ -259,9 +259,6 @@ that many events and 16 times as many."""
 def _stage_entries(pipe: Commands, key: str, maxlen: int, bodies: list[bytes]) -> None:
     """XADD ``bodies`` in order: an entry's ``e`` field holds one event, its ``b`` field
     several, one JSON object per line (JSON as orjson writes it has no raw newline)."""
-    if len(bodies) == 1:
-        pipe.xadd(key, "e", bodies[0], maxlen=maxlen)
-        return
     for start in range(0, len(bodies), _PER_ENTRY):
         chunk = bodies[start : start + _PER_ENTRY]
         if len(chunk) == 1:
