@@ -372,6 +372,16 @@ async def test_every_task_completes_when_the_broker_closes_all_connections_at_on
     assert stopped_in < 5, f"the graceful stop took {stopped_in:.1f}s"
 
 
+async def fetch_exactly(consumer: Any, count: int) -> list[Delivery]:
+    """What a worker with ``count`` free slots gathers: RabbitMQ pushes deliveries one frame at a
+    time, so a single fetch may return as soon as the first of them has arrived."""
+    got: list[Delivery] = []
+    async with asyncio.timeout(10):
+        while len(got) < count:
+            got += await consumer.fetch(count - len(got), 5)
+    return got
+
+
 async def test_prefetch_follows_free_slots(amqp_app: AppMaker) -> None:
     app = amqp_app()
     crash = app.tasks["amqp_cli_app.crash"]
@@ -381,16 +391,14 @@ async def test_prefetch_follows_free_slots(amqp_app: AppMaker) -> None:
         consumer = broker.consumer(["default"], worker_id="prefetch-test")
         await consumer.start()
         try:
-            first = await consumer.fetch(3, 5)
-            assert len(first) == 3
+            first = await fetch_exactly(consumer, 3)
 
             async def seventeen_left() -> bool:
                 return await broker.queue_length("default") == 17
 
             await wait_until(seventeen_left)
             # three held, two more free slots: the limit grows to five, no further
-            more = await consumer.fetch(2, 5)
-            assert len(more) == 2
+            await fetch_exactly(consumer, 2)
 
             async def fifteen_left() -> bool:
                 return await broker.queue_length("default") == 15
@@ -404,7 +412,7 @@ async def test_prefetch_follows_free_slots(amqp_app: AppMaker) -> None:
                 return await broker.queue_length("default") == 12
 
             await wait_until(twelve_left)
-            assert len(await consumer.fetch(3, 5)) == 3
+            await fetch_exactly(consumer, 3)
         finally:
             await consumer.close()
         # closing gave back the five unsettled ones
@@ -421,9 +429,7 @@ async def test_prefetch_bound_spans_several_classic_queues(amqp_app: AppMaker) -
         consumer = broker.consumer(["a", "b"], worker_id="two-queues")
         await consumer.start()
         try:
-            got: list[Delivery] = []
-            while len(got) < 3:  # a worker with three free slots
-                got += await consumer.fetch(3 - len(got), 5)
+            await fetch_exactly(consumer, 3)  # a worker with three free slots
 
             async def seven_left() -> bool:
                 return await broker.queue_length("a") + await broker.queue_length("b") == 7
