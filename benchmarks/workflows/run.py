@@ -1,9 +1,10 @@
 """Workflows side by side with Celery: ``python benchmarks/workflows/run.py [--quick] [--amqp]``.
 
-Run from the repository root with the project's venv (aioqueue's side) after ``make bench`` (or
-``bash benchmarks/bench.sh``) built ``benchmarks/.venvs/celery`` (Celery's side). Each side starts
-its library's own worker CLI (one process: aioqueue ``--concurrency 200``, Celery ``-P solo``
-with prefetch 64, as in the main benchmark), measures, prints one RESULT line and cleans up: Redis
+Run from the repository root after ``make bench`` (or ``bash benchmarks/bench.sh``) built
+``benchmarks/.venvs/aioqueue`` (this checkout with uvloop) and ``benchmarks/.venvs/celery``. Each
+side starts its library's own worker CLI (one process: aioqueue ``--concurrency 200`` on uvloop,
+Celery ``-P solo`` with prefetch 64, as in the main benchmark; both log one line per task at
+INFO), measures, prints one RESULT line and cleans up: Redis
 db 14 under keys of its own run only, its own RabbitMQ queue.
 
 Workloads: a chain of 10 no-op steps, sent and awaited one after another (end-to-end latency,
@@ -25,7 +26,12 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 SIDES = {
-    "aioqueue": (os.path.join(REPO, ".venv", "bin", "python"), "wf_aioqueue.py"),
+    # the main benchmark's venv of aioqueue: this checkout, editable, with uvloop (the loop
+    # SETTINGS.md gives every asyncio worker and client); the project's own venv has no uvloop
+    "aioqueue": (
+        os.path.join(REPO, "benchmarks", ".venvs", "aioqueue", "bin", "python"),
+        "wf_aioqueue.py",
+    ),
     "celery": (
         os.path.join(REPO, "benchmarks", ".venvs", "celery", "bin", "python"),
         "wf_celery.py",

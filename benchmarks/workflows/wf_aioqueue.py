@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Coroutine
 from typing import Any
 
 from wf_common import (
@@ -101,6 +102,15 @@ async def measure() -> dict[str, Any]:
     return summary(chain_ms, groups, chords)
 
 
+def run(main: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """On uvloop, as the main benchmark's clients (the worker's ``--loop auto`` picks it too)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def main() -> None:
     broker = sys.argv[1] if len(sys.argv) > 1 else "redis"
     prefix = f"wfbench-{uuid.uuid4().hex[:8]}"
@@ -137,7 +147,7 @@ def main() -> None:
     )
     try:
         worker.wait_ready()
-        result = asyncio.run(measure())
+        result = run(measure())
         result["library"] = f"aioqueue-{broker}"
         emit(result)
     finally:
