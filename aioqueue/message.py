@@ -93,6 +93,10 @@ def new_task_id() -> str:
 
 
 ENVELOPE_VERSION: Final = 1
+_SCAN_UP_TO: Final = 4096
+"""Bodies up to this many bytes have their nesting bounded by a C count of ``[`` and ``{``
+(a plain task's: a few hundred bytes, well under a microsecond); larger ones by a walk of
+their parsed containers first (see Limits.check_depth), which does not read a long string."""
 DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 MAX_RESULT_TTL: Final = 10 * 365 * 24 * 3600.0
 """Longest result TTL (ten years, in seconds). Redis refuses a PX beyond about 9.2e18 ms less
@@ -613,7 +617,8 @@ class MessageCodec:
             raise SerializationError(f"message is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ProtocolError("message is not a JSON object")
-        if body.count(b"[") + body.count(b"{") > self._depth:  # a C scan bounds the depth
+        if len(body) > _SCAN_UP_TO or body.count(b"[") + body.count(b"{") > self._depth:
+            # a C scan bounds a small body's depth; a large one is walked (check_depth)
             self.limits.check_depth(body, data)
         version = data.get("v")
         if type(version) is not int or version != ENVELOPE_VERSION:

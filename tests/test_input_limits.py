@@ -37,6 +37,25 @@ def test_many_brackets_inside_strings_or_flat_lists_are_fine() -> None:
     assert len(codec.decode(body).args) == 6
 
 
+def test_nesting_depth_is_bounded_in_large_bodies_either_way() -> None:
+    """A body over 4 KiB is walked first, within a budget of elements, instead of scanned for
+    brackets: a long string costs the walk nothing; a long list of numbers exhausts the budget
+    and falls back to the scan. Deep nesting is refused on both paths, flat bodies pass."""
+    codec = MessageCodec(limits=Limits(max_nesting_depth=8))
+    long_text = "[{" * 50_000  # brackets inside a string: no nesting at all
+    many = list(range(20_000))  # more elements than the walk's budget
+    for padding in (long_text, many):
+        ok = orjson.dumps({**VALID, "args": [padding, nested(5)]})
+        assert len(ok) > 4096
+        assert codec.decode(ok).args == (padding, nested(5))
+        deep = orjson.dumps({**VALID, "args": [padding, nested(7)]})
+        with pytest.raises(LimitExceeded, match="max_nesting_depth=8"):
+            codec.decode(deep)
+        outcome = orjson.dumps({**VALID, "state": "SUCCESS", "result": [padding, nested(8)]})
+        with pytest.raises(LimitExceeded, match="max_nesting_depth=8"):
+            codec.decode_outcome(outcome)
+
+
 def test_task_name_length_is_bounded() -> None:
     codec = MessageCodec(limits=Limits(max_task_name_length=10))
     assert codec.decode(orjson.dumps({**VALID, "task": "x" * 10})).task == "x" * 10
