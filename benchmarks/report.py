@@ -198,6 +198,82 @@ def growth_rows(rows: list[Row], sizes: list[int]) -> list[list[str]]:
     return out
 
 
+def sub(c: Row, key: str, field: str) -> float | None:
+    """A number inside a results cell (the payload and many-queues cells are flat dicts)."""
+    res = c.get("results", {}).get(key)
+    v = res.get(field) if isinstance(res, dict) else None
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+
+def best_sub(rows: list[Row], key: str, field: str, transport: str, want: Any) -> float | None:
+    vals = [sub(r, key, field) for r in rows if r["spec"]["transport"] == transport and is_peer(r)]
+    clean = [v for v in vals if v is not None]
+    return want(clean) if clean else None
+
+
+def payload_queue_rows(rows: list[Row]) -> list[list[str]]:
+    """Per contestant: its payload cells and their ratios to its own no-op cells, its
+    many-queues drain and its ratio to its own one-queue drain; /peer as in the other tables."""
+    out = []
+    for c in rows:
+        res = c.get("results", {})
+        if not any(isinstance(res.get(k), dict) for k in ("payload", "queues")):
+            continue
+        t = c["spec"]["transport"]
+        line = [c["spec"]["label"], t]
+        cols = (
+            ("payload", "enqueue", None),
+            ("payload", "drain", max),
+            ("payload", "rt_p50", min),
+            ("queues", "drain", max),
+        )
+        for key, field, want in cols:
+            cell_ = res.get(key)
+            v = sub(c, key, field)
+            if v is None:
+                mark = why(cell_) if isinstance(cell_, dict) and len(cell_) == 1 else "-"
+                line += [mark, "-"] + (["-"] if want else [])
+                continue
+            line.append(fmt_num(v))
+            line.append(fmt_ratio(sub(c, key, f"{field}_x")))
+            if want:
+                line.append(fmt_ratio(ratio(v, best_sub(rows, key, field, t, want))))
+        out.append(line)
+    return out
+
+
+def payload_queue_headers(rows: list[Row]) -> tuple[list[str], str]:
+    size, q = 100_000, 20
+    for c in rows:
+        size = int(sub(c, "payload", "bytes") or size)
+        q = int(sub(c, "queues", "queues") or q)
+    kb = f"{size // 1000}KB"
+    headers = [
+        "contestant",
+        "transport",
+        f"{kb} enq/s",
+        "x plain",
+        f"{kb} drain/s",
+        "x plain",
+        "/peer",
+        f"{kb} rt p50 ms",
+        "x plain",
+        "/peer",
+        f"{q}q drain/s",
+        "x 1q",
+        "/peer",
+    ]
+    title = (
+        f"Cost growth with payload size and queue count: {kb} = every task has one {size:,}-byte "
+        "str argument (tiny result): one-by-one enqueue, drain by one fresh worker, sequential "
+        f"round trip p50; {q}q = no-op tasks spread evenly over {q} queues, one worker "
+        "listening on all of them. x plain / x 1q = the same contestant's no-op enqueue, "
+        "drain and round trip, one queue, same run (throughput below 1.00x: slower; latency "
+        "above 1.00x: slower); /peer as above"
+    )
+    return headers, title
+
+
 def notes(rows: list[Row]) -> list[str]:
     out = []
     for c in rows:
@@ -297,11 +373,15 @@ def render(data: dict[str, Any]) -> str:
         parts += [
             "",
             "Cost growth: n tasks waiting (prefilled, no worker), then one worker drains them "
-            "(B/task = broker bytes per waiting task: Redis MEMORY USAGE of db 14, plus "
+            "(B/task = broker bytes per waiting task: Redis MEMORY USAGE of the bench db, plus "
             "RabbitMQ message_bytes (bodies) of the run's queues; RSS = worker peak during "
             "the drain)",
             render_table(headers, grows),
         ]
+    pq = payload_queue_rows(rows)
+    if pq:
+        headers, title = payload_queue_headers(rows)
+        parts += ["", title, render_table(headers, pq)]
     nts = notes(rows)
     if nts:
         parts += ["", "Notes:", *(f"  - {n}" for n in nts)]

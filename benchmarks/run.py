@@ -5,7 +5,13 @@ a client *driver* process (contestants/_driver.py) that speaks line-JSON on stdi
 worker processes started from the argv the driver hands back. Every process started here is in
 its own session and is ended by its pid (SIGTERM, then SIGKILL) on every path out.
 
-    python run.py [--quick] [--only ID,ID] [--skip ID,ID]
+    python run.py [--quick] [--only ID,ID] [--skip ID,ID] [--growth N,N] [--payload N]
+        [--queues QxN]
+
+--only / --skip take contestant ids and step names (STEPS) alike: ``--skip payload,queues``
+runs every contestant without those two steps; ``--only arq,main,latency,payload`` runs arq's
+plain drain, latency and payload steps only. ``BENCH_REDIS_URL`` picks the Redis database
+(default db 14, which the run flushes).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ CONTESTANTS_DIR = HERE / "contestants"
 VENVS = HERE / ".venvs"
 RESULTS = HERE / "results"
 LOGS = RESULTS / "logs"
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 BROKER_PORTS = {6379, 5672}
 
@@ -98,6 +104,9 @@ class Plan:
     total_s: float  # whole-run budget; each contestant gets a share of what is left
     latency_cap_s: float  # one round-trip / fan-in repetition stops after this long
     growth: tuple[int, ...] = ()  # backlog sizes for the cost-growth rows (--growth)
+    payload_n: int = 0  # tasks with one PAYLOAD_BYTES argument (--payload); 0: off
+    payload_rt_n: int = 0  # sequential round trips with that argument
+    queues: tuple[int, int] = (0, 0)  # (queues, tasks per queue) for the many-queues row
 
 
 QUICK = Plan(
@@ -132,9 +141,17 @@ FULL = Plan(
     total_s=720.0,
     latency_cap_s=5.0,
     growth=(10000, 100000),
+    payload_n=2000,
+    payload_rt_n=200,
+    queues=(20, 500),
 )
 # share of a contestant's budget each step may use before it stops repeating
 SHARES = {"main": 0.4, "latency": 0.15}
+PAYLOAD_BYTES = 100_000  # one str argument of this many characters (ASCII, so as many bytes)
+STEPS = ("main", "latency", "sync", "scaling", "growth", "payload", "queues", "leak")
+# steps whose time is added back to the run's budget, so the rows added for issue 15 do not
+# take repetitions away from the contestants that run after
+UNBUDGETED = ("payload", "queues")
 LEAK_CHUNK = 5000
 CONCURRENT_SENDERS = 100
 DRAIN_METHOD = (
@@ -172,7 +189,7 @@ def end_all() -> None:
         end_group(pid, grace=1.0)
 
 
-def base_env(spec: Spec, run_id: str) -> dict[str, str]:
+def base_env(spec: Spec, run_id: str, plan: Plan) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         BENCH_REDIS_URL=REDIS_URL,
@@ -180,6 +197,8 @@ def base_env(spec: Spec, run_id: str) -> dict[str, str]:
         BENCH_RUN_ID=run_id,
         BENCH_TRANSPORT=spec.transport,
         BENCH_VARIANT=spec.variant,
+        BENCH_PAYLOAD_BYTES=str(PAYLOAD_BYTES),
+        BENCH_QUEUES=str(plan.queues[0] or 1),
         PYTHONPATH=str(CONTESTANTS_DIR),
         PYTHONUNBUFFERED="1",
     )
@@ -403,20 +422,26 @@ class Runner:
     plan: Plan
     run_id: str
     budget_s: float
+    steps: tuple[str, ...] = STEPS
     results: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.env = base_env(self.spec, self.run_id)
+        self.env = base_env(self.spec, self.run_id, self.plan)
         self.log = LOGS / f"{self.spec.id}.log"
         self.driver: Driver | None = None
         self.unsupported: dict[str, str] = {}
+        self.unbudgeted_s = 0.0  # time in UNBUDGETED steps, given back to the run's budget
 
     def share(self, step: str) -> float:
         return self.budget_s * SHARES[step]
 
+    def elapsed(self) -> float:
+        """Seconds this contestant has used of its budget (UNBUDGETED steps not counted)."""
+        return time.monotonic() - self.started - self.unbudgeted_s
+
     def over_budget(self) -> bool:
-        return time.monotonic() - self.started > self.budget_s
+        return self.elapsed() > self.budget_s
 
     def drain_timeout(self, n: int) -> float:
         return max(30.0, n / 400.0)
@@ -440,16 +465,22 @@ class Runner:
             out.update(describe=desc)
             self.unsupported = desc.get("unsupported", {})
             self.call("purge")
-            steps = (
-                self.step_main,
-                self.step_latency_worker,
-                self.step_sync,
-                self.step_scaling,
-                self.step_growth,
-                self.step_leak,
-            )
-            for step in steps:
-                step()
+            steps = {
+                "main": self.step_main,
+                "latency": self.step_latency_worker,
+                "sync": self.step_sync,
+                "scaling": self.step_scaling,
+                "growth": self.step_growth,
+                "payload": self.step_payload,
+                "queues": self.step_queues,
+                "leak": self.step_leak,
+            }
+            for name, step in steps.items():
+                if name in self.steps:
+                    t0 = time.monotonic()
+                    step()
+                    if name in UNBUDGETED:
+                        self.unbudgeted_s += time.monotonic() - t0
         except DriverError as exc:
             out["status"] = "error"
             out["error"] = str(exc)
@@ -457,6 +488,7 @@ class Runner:
             self.final_cleanup()
         out["results"] = self.results
         out["elapsed_s"] = round(time.monotonic() - self.started, 1)
+        out["unbudgeted_s"] = round(self.unbudgeted_s, 1)
         return out
 
     def final_cleanup(self) -> None:
@@ -577,7 +609,7 @@ class Runner:
         if self.spec.floor:
             self.results["leak"] = na("floor: no task code")
             return
-        if time.monotonic() - self.started > 1.25 * self.budget_s:
+        if self.elapsed() > 1.25 * self.budget_s:
             self.results["leak"] = na("skipped: time budget")
             return
         w = self.worker("noop")
@@ -735,9 +767,113 @@ class Runner:
         self.call("purge")
         self.results["growth"] = out
 
+    # -- cost growth: payload size and queue count ----------------------------------------
+    def plain(self, key: str) -> float | None:
+        """The median of this contestant's plain (no-op, one-queue) cell ``key``, if measured."""
+        cell = self.results.get(key)
+        v = cell.get("median") if isinstance(cell, dict) else None
+        return float(v) if isinstance(v, int | float) and v else None
+
+    def step_payload(self) -> None:
+        """payload_n tasks, each with one PAYLOAD_BYTES str argument and a tiny result: timed
+        one-by-one enqueue, then a fresh worker drains them (rate first to last, peak RSS),
+        then payload_rt_n sequential round trips on that warm worker. Each is set against the
+        same contestant's no-op cell (enqueue, drain, roundtrip) of this run."""
+        n = self.plan.payload_n
+        if not n or self.spec.floor:
+            return
+        if "payload" in self.unsupported:
+            self.results["payload"] = na(self.unsupported["payload"])
+            return
+        if self.elapsed() > 2.0 * self.budget_s:
+            self.results["payload"] = na("skipped: time budget")
+            return
+        out: dict[str, Any] = {"unit": "tasks/s", "n": n, "bytes": PAYLOAD_BYTES}
+        try:
+            self.call("purge")
+            r = self.call("enqueue", max(120.0, n / 50), n=n, batch=False, kind="payload")
+            out["enqueue"] = r["rate"]
+            w = self.worker("payload")
+            try:
+                t = self.drain_timeout(n)
+                res = self.call("drain_wait", t + 30, timeout=t)
+                out.update(drain=res["rate"] or None, complete=res["complete"])
+                out["peak_rss"] = w.peak_rss_mb()
+                if not res["complete"]:
+                    out.setdefault("notes", []).append(f"drain incomplete: {res['done']}/{n}")
+                rt_n = self.plan.payload_rt_n
+                if rt_n:
+                    cap = self.plan.latency_cap_s
+                    rt = self.call("roundtrip", cap + 60, n=rt_n, timeout=cap, kind="payload")
+                    out.update(rt_n=rt["n"], rt_p50=rt["p50_ms"], rt_p99=rt["p99_ms"])
+                    if rt.get("partial"):
+                        out.setdefault("notes", []).append(
+                            f"time cap {cap:.0f}s: {rt['n']} of {rt_n} round trips measured"
+                        )
+            finally:
+                w.stop()
+        except DriverError as exc:
+            self.call("purge")
+            self.results["payload"] = na(str(exc)) if exc.na else err(str(exc))
+            return
+        self.call("purge")
+        # own ratios: throughput payload / plain (below 1: slower), latency payload / plain
+        # (above 1: slower)
+        for key, base in (("enqueue", "enqueue"), ("drain", "drain"), ("rt_p50", "roundtrip")):
+            plain = self.plain(base)
+            out[f"{key}_plain"] = plain
+            v = out.get(key)
+            out[f"{key}_x"] = v / plain if isinstance(v, int | float) and plain else None
+        self.results["payload"] = out
+
+    def step_queues(self) -> None:
+        """queues x per no-op tasks spread evenly (round robin) over that many queues, prefilled
+        with no worker; then one worker listening on all of them drains them (rate first to
+        last), set against the same contestant's one-queue drain of this run. Fast rows get more
+        per queue (about 4 s of work, at most the plain drain's n)."""
+        q, per = self.plan.queues
+        if not q or not per or self.spec.floor:
+            return
+        if "queues" in self.unsupported:
+            self.results["queues"] = na(self.unsupported["queues"])
+            return
+        if self.elapsed() > 2.0 * self.budget_s:
+            self.results["queues"] = na("skipped: time budget")
+            return
+        plain = self.plain("drain")
+        # fast rows: at least ~4 s of work at the one-queue rate, up to the plain drain's n, so
+        # the drain is not timed over a blink (the scaling step does the same)
+        per = max(per, min(self.plan.n, int((plain or 0) * 4)) // q)
+        n = q * per
+        try:
+            self.call("purge")
+            self.call("prefill", max(180.0, n / 100), n=n, kind="queues")
+            res, peak = self.drain_with(1, n, "queues")
+        except DriverError as exc:
+            self.call("purge")
+            self.results["queues"] = na(str(exc)) if exc.na else err(str(exc))
+            return
+        self.call("purge")
+        drain = res["rate"] or None
+        out: dict[str, Any] = {
+            "unit": "tasks/s",
+            "queues": q,
+            "per_queue": per,
+            "n": n,
+            "drain": drain,
+            "drain_mid": mid_rate(res["progress"], n),
+            "complete": res["complete"],
+            "peak_rss": peak,
+            "drain_plain": plain,
+            "drain_x": drain / plain if drain and plain else None,
+        }
+        if not res["complete"]:
+            out["notes"] = [f"drain incomplete: {res['done']}/{n}"]
+        self.results["queues"] = out
+
 
 def waiting_bytes(spec: Spec, run_id: str) -> int:
-    """Bytes the waiting tasks take in the broker: every key of db 14 (MEMORY USAGE, exact),
+    """Bytes the waiting tasks take in the broker: every key of the bench db (MEMORY USAGE, exact),
     plus on RabbitMQ the ``message_bytes`` of this run's queues (message bodies: RabbitMQ does
     not count their properties there)."""
     import redis
@@ -794,7 +930,7 @@ def leak_summary(rss_after: list[tuple[int, float]]) -> dict[str, Any]:
     }
 
 
-def run_all(specs: list[Spec], plan: Plan) -> dict[str, Any]:
+def run_all(specs: list[Spec], plan: Plan, steps: tuple[str, ...] = STEPS) -> dict[str, Any]:
     """Each contestant gets a share of the time left, weighted (floors run fewer workloads)."""
     run_id = uuid.uuid4().hex[:8]
     out: dict[str, Any] = {}
@@ -804,7 +940,8 @@ def run_all(specs: list[Spec], plan: Plan) -> dict[str, Any]:
         weights = [0.5 if s.floor else 1.0 for s in specs[i:]]
         budget = max(5.0, (t_end - t0) * weights[0] / sum(weights))
         print(f"-- {spec.id} (budget {budget:.0f}s) ...", end="", flush=True)
-        res = Runner(spec, plan, run_id, budget).run()
+        res = Runner(spec, plan, run_id, budget, steps).run()
+        t_end += res.get("unbudgeted_s", 0.0)
         out[spec.id] = {"spec": spec.__dict__, **res}
         print(
             f" {res['status']} ({time.monotonic() - t0:.1f}s)"
@@ -850,24 +987,54 @@ def server_versions() -> dict[str, str]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="")
-    ap.add_argument("--skip", default="")
+    ap.add_argument(
+        "--only", default="", help=f"contestant ids and/or step names ({','.join(STEPS)}) to run"
+    )
+    ap.add_argument("--skip", default="", help="contestant ids and/or step names to leave out")
     ap.add_argument(
         "--growth",
         default=None,
         help="backlog sizes for the cost-growth rows, e.g. 10000,100000,1000000 "
         "(full mode: 10000,100000; quick mode: none unless given)",
     )
+    ap.add_argument(
+        "--payload",
+        type=int,
+        default=None,
+        help=f"tasks with one {PAYLOAD_BYTES:,}-byte argument for the payload row "
+        "(full mode: 2000; quick mode: 0 = off unless given)",
+    )
+    ap.add_argument(
+        "--queues",
+        default=None,
+        help="QxN: N tasks on each of Q queues, one worker on all Q, for the many-queues row "
+        "(full mode: 20x500; quick mode: off unless given)",
+    )
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
     if args.growth is not None:
         sizes = tuple(int(x) for x in args.growth.split(",") if x.strip())
         plan = dataclasses.replace(plan, growth=sizes)
+    if args.payload is not None:
+        rt_n = plan.payload_rt_n or max(1, min(200, args.payload // 10))
+        plan = dataclasses.replace(plan, payload_n=args.payload, payload_rt_n=rt_n)
+    if args.queues is not None:
+        q, _, per = args.queues.lower().partition("x")
+        plan = dataclasses.replace(plan, queues=(int(q or 0), int(per or 0)))
+    only = [x for x in args.only.split(",") if x]
+    skip = [x for x in args.skip.split(",") if x]
+    ids = {s.id for s in SPECS}
+    for name in only + skip:
+        if name not in ids and name not in STEPS:
+            ap.error(f"unknown contestant id or step name: {name}")
     specs = SPECS
-    if args.only:
-        specs = [s for s in specs if s.id in args.only.split(",")]
-    if args.skip:
-        specs = [s for s in specs if s.id not in args.skip.split(",")]
+    if any(x in ids for x in only):
+        specs = [s for s in specs if s.id in only]
+    specs = [s for s in specs if s.id not in skip]
+    steps = STEPS
+    if any(x in STEPS for x in only):
+        steps = tuple(x for x in steps if x in only)
+    steps = tuple(x for x in steps if x not in skip)
     LOGS.mkdir(parents=True, exist_ok=True)
     for f in LOGS.glob("*.log"):
         f.unlink()
@@ -875,7 +1042,8 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(130))
     t0 = time.monotonic()
-    data = {"meta": meta(plan), "contestants": run_all(specs, plan)}
+    data = {"meta": meta(plan), "contestants": run_all(specs, plan, steps)}
+    data["meta"]["steps"] = list(steps)
     data["meta"]["elapsed_s"] = round(time.monotonic() - t0, 1)
     from report import write_outputs
 

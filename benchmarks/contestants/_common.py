@@ -7,10 +7,12 @@ from the argv that :meth:`Contestant.worker_argv` returns.
 
 Environment shared by driver and workers (set by ``run.py``):
 
-* ``BENCH_REDIS_URL``  redis://127.0.0.1:6379/14 (db 14 only)
+* ``BENCH_REDIS_URL``  redis://127.0.0.1:6379/14 by default (the run flushes that db only)
 * ``BENCH_AMQP_URL``   amqp://guest:guest@127.0.0.1:5672/
 * ``BENCH_RUN_ID``     unique per run; used in RabbitMQ queue names so they never collide
 * ``BENCH_TRANSPORT``  "redis" or "amqp"
+* ``BENCH_PAYLOAD_BYTES`` size of the one str argument of a "payload" task (100,000)
+* ``BENCH_QUEUES``     how many queues the "queues" kind spreads its tasks over (20)
 """
 
 from __future__ import annotations
@@ -27,8 +29,45 @@ AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"
 RUN_ID = os.environ.get("BENCH_RUN_ID", "dev")
 TRANSPORT = os.environ.get("BENCH_TRANSPORT", "redis")
 RESULT_TTL = 3600  # seconds results are kept, for every contestant that takes a TTL
+PAYLOAD_BYTES = int(os.environ.get("BENCH_PAYLOAD_BYTES", "100000"))
+N_QUEUES = int(os.environ.get("BENCH_QUEUES", "20"))
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
+_PAYLOAD: list[str] = []
+
+
+def payload() -> str:
+    """The argument of a "payload" task: PAYLOAD_BYTES ASCII letters and digits, built once.
+    Not one repeated character, so nothing along the way can make it small by compressing."""
+    if not _PAYLOAD:
+        import random
+        import string
+
+        rng = random.Random(15)
+        _PAYLOAD.append("".join(rng.choices(string.ascii_letters + string.digits, k=PAYLOAD_BYTES)))
+    return _PAYLOAD[0]
+
+
+def payload_size(data: str) -> int:
+    """What a payload task returns: a small int (the result is never the cost measured)."""
+    return len(data)
+
+
+def multi_queues(base: str) -> list[str]:
+    """The N_QUEUES queue names of the "queues" kind, from a contestant's own queue name."""
+    return [f"{base}-q{i:02d}" for i in range(N_QUEUES)]
+
+
+class RoundRobin:
+    """Hands out the names in turn: tasks spread evenly over the queues, in sending order."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.i = -1
+
+    def next(self) -> str:
+        self.i = (self.i + 1) % len(self.names)
+        return self.names[self.i]
 
 
 def queue_name(base: str) -> str:
@@ -114,7 +153,9 @@ class Contestant:
 
     # -- client ---------------------------------------------------------------------------
     async def send(self, kind: str = "noop", ms: float = 0.0) -> Any:
-        """Send one task of ``kind`` ("noop", "cpu" or "block") and return a handle."""
+        """Send one task of ``kind`` and return a handle: "noop", "cpu" or "block" (``ms``
+        each), "payload" (one str argument, :func:`payload`, a tiny result) or "queues" (a noop
+        on the next of :func:`multi_queues`, round robin)."""
         raise NotImplementedError
 
     async def send_batch(self, count: int) -> list[Any]:
@@ -137,7 +178,8 @@ class Contestant:
     def worker_argv(self, kind: str) -> tuple[list[str], dict[str, str]]:
         """argv and extra env for one worker process for workload ``kind``.
 
-        kind: "noop" (drain, round trip, fan-in, scaling, memory), "cpu" or "block".
+        kind: "noop" (drain, round trip, fan-in, scaling, memory), "cpu", "block", "payload"
+        (configured as noop) or "queues" (as noop, listening on every one of multi_queues).
         The process is started with cwd = this directory and PYTHONPATH including it.
         """
         raise NotImplementedError

@@ -6,12 +6,16 @@ reads one JSON command per line on stdin and writes one JSON reply per line on t
 stdout (the library's own prints are sent to stderr). Commands:
 
     describe | purge | cleanup | quit
-    enqueue   {n, batch, concurrency}  timed sends of noop tasks, handles kept for drain_wait
-                                    (concurrency > 1: that many coroutines sending in turn)
+    enqueue   {n, batch, concurrency, kind}  timed sends (noop unless kind), handles kept for
+                                    drain_wait (concurrency > 1: that many coroutines in turn)
     prefill   {n, kind, ms}         untimed, fastest available way; handles kept
     drain_wait {timeout}            waits until every kept handle finished; rate from the
                                     first observed completion to the last
-    roundtrip {n, timeout}          n sequential send + wait
+    roundtrip {n, timeout, kind}    n sequential send + wait
+
+kinds: noop, cpu, block (ms each), payload (one str argument of BENCH_PAYLOAD_BYTES chars,
+tiny result), queues (noop, round robin over BENCH_QUEUES queues; the "queues" worker listens
+on all of them). A kind in the contestant's ``unsupported`` map is answered with its reason.
     fanin     {n, timeout}          n concurrent senders, each awaiting its own result
 
 Every reply is {"ok": true, ...} or {"ok": false, "error": "...", "na": bool}.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import importlib
 import json
 import os
@@ -87,8 +92,16 @@ class Driver:
         await self.c.cleanup()
         return {}
 
-    async def cmd_enqueue(self, n: int, batch: bool, concurrency: int = 1) -> dict[str, Any]:
-        send = self.c.send
+    def check(self, kind: str) -> None:
+        if kind in self.c.unsupported:
+            raise Unsupported(self.c.unsupported[kind])
+
+    async def cmd_enqueue(
+        self, n: int, batch: bool, concurrency: int = 1, kind: str = "noop"
+    ) -> dict[str, Any]:
+        self.check(kind)
+        # noop: the bound method itself, so the plain enqueue rows time exactly what they did
+        send = self.c.send if kind == "noop" else functools.partial(self.c.send, kind)
         handles: list[Any] = []
         if concurrency > 1 and not self.c.async_client:
             raise Unsupported("sync client: concurrent senders would be threads, not coroutines")
@@ -103,6 +116,8 @@ class Driver:
                 handles.extend(part)
         elif batch:
             size = self.c.batch_size
+            if kind != "noop":
+                raise Unsupported("batch enqueue is measured with noop tasks only")
             if size is None:
                 raise Unsupported("no batch enqueue API")
             for i in range(0, n, size):
@@ -115,6 +130,7 @@ class Driver:
         return {"seconds": seconds, "n": n, "rate": n / seconds}
 
     async def cmd_prefill(self, n: int, kind: str = "noop", ms: float = 0.0) -> dict[str, Any]:
+        self.check(kind)
         t0 = time.perf_counter()
         if kind == "noop" and self.c.batch_size is not None:
             for i in range(0, n, self.c.batch_size):
@@ -213,8 +229,9 @@ class Driver:
             await asyncio.sleep(IDLE_POLL_S)
         return progress
 
-    async def cmd_roundtrip(self, n: int, timeout: float) -> dict[str, Any]:
+    async def cmd_roundtrip(self, n: int, timeout: float, kind: str = "noop") -> dict[str, Any]:
         """n sequential round trips; stops early (partial) when ``timeout`` seconds are used."""
+        self.check(kind)
         lat: list[float] = []
         deadline = time.monotonic() + timeout
         for _ in range(n):
@@ -222,7 +239,7 @@ class Driver:
             if left <= 0:
                 break
             t0 = time.perf_counter()
-            h = await self.c.send()
+            h = await self.c.send(kind)
             try:
                 await self.c.wait(h, left)
             except Exception:

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import os
 
-from _common import AMQP_URL, REDIS_URL, RESULT_TTL, TRANSPORT, queue_name, sleep_ms, spin_ms
+from _common import (
+    AMQP_URL,
+    REDIS_URL,
+    RESULT_TTL,
+    TRANSPORT,
+    multi_queues,
+    payload_size,
+    queue_name,
+    sleep_ms,
+    spin_ms,
+)
 
 from aioqueue import App
 
 QUEUE = queue_name("aq") if TRANSPORT == "amqp" else "bench"
+QUEUES = multi_queues(QUEUE)  # the many-queues row: noop sent round robin over these
 app = App(
     "bench",
     broker=AMQP_URL if TRANSPORT == "amqp" else REDIS_URL,
@@ -34,3 +45,8 @@ def cpu(ms: float) -> int:
 @app.task(executor="thread")
 def block(ms: float) -> None:
     sleep_ms(ms)
+
+
+@app.task
+async def payload(data: str) -> int:
+    return payload_size(data)

@@ -2,7 +2,8 @@
 
 Worker: ``aioqueue worker benchmarks_aq_tasks:app --concurrency 200 --processes 2 --threads 50
 --loglevel warning`` (through aq_worker.py, which only installs uvloop first).
-Batch API: ``Task.send_many`` (100 calls per round trip here).
+Batch API: ``Task.send_many`` (100 calls per round trip here). Many queues: ``noop.options(
+queue=q).send()`` round robin, worker ``--queues q00,...,q19``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from _common import (
     PY,
     TRANSPORT,
     Contestant,
+    RoundRobin,
     Unsupported,
     delete_amqp_exchanges,
     delete_amqp_queues,
+    payload,
     purge_amqp_queues,
 )
 
@@ -59,6 +62,8 @@ class AioQueue(Contestant):
             raise Unsupported(f"aioqueue not importable: {exc}") from exc
         self.tasks = tasks
         self.app = tasks.app
+        self.multi = RoundRobin(tasks.QUEUES)
+        self.on_queue = {q: tasks.noop.options(queue=q) for q in tasks.QUEUES}
         try:
             await self.app.connect()
             await self.app.ready_broker()
@@ -73,6 +78,10 @@ class AioQueue(Contestant):
     async def send(self, kind: str = "noop", ms: float = 0.0) -> Any:
         if kind == "noop":
             return await self.tasks.noop.send()
+        if kind == "payload":
+            return await self.tasks.payload.send(payload())
+        if kind == "queues":
+            return await self.on_queue[self.multi.next()].send()
         return await (self.tasks.cpu if kind == "cpu" else self.tasks.block).send(ms)
 
     async def send_batch(self, count: int) -> list[Any]:
@@ -100,12 +109,14 @@ class AioQueue(Contestant):
             "--loglevel",
             "warning",
         ]
+        if kind == "queues":
+            argv += ["--queues", ",".join(self.tasks.QUEUES)]
         return argv, {"BENCH_KIND": kind}
 
     def amqp_queues(self) -> list[str]:
         # aioqueue's AMQP names: <key_prefix>.<queue> and its dead-letter queue <...>.dead
-        q = f"aqbench.{self.tasks.QUEUE}"
-        return [q, f"{q}.dead"]
+        names = [f"aqbench.{q}" for q in (self.tasks.QUEUE, *self.tasks.QUEUES)]
+        return [x for q in names for x in (q, f"{q}.dead")]
 
     async def purge(self) -> None:
         await super().purge()

@@ -13,7 +13,17 @@ import os
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, ClassVar
 
-from _common import RESULT_TTL, Contestant, sleep_ms, spin_ms, use_uvloop, venv_bin
+from _common import (
+    REDIS_URL,
+    RESULT_TTL,
+    Contestant,
+    payload,
+    payload_size,
+    sleep_ms,
+    spin_ms,
+    use_uvloop,
+    venv_bin,
+)
 from arq import create_pool
 from arq.connections import RedisSettings
 from arq.jobs import Job
@@ -21,11 +31,15 @@ from arq.jobs import Job
 LOOP = use_uvloop()
 POLL = 0.01
 MAX_JOBS = 200
-REDIS = RedisSettings(host="127.0.0.1", port=6379, database=14)
+REDIS = RedisSettings.from_dsn(REDIS_URL)
 
 
 async def noop(ctx: dict[str, Any]) -> None:
     return None
+
+
+async def payload_task(ctx: dict[str, Any], data: str) -> int:
+    return payload_size(data)
 
 
 async def cpu(ctx: dict[str, Any], ms: float) -> int:
@@ -52,7 +66,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 class WorkerSettings:
-    functions: ClassVar[list[Any]] = [noop, cpu, block]
+    functions: ClassVar[list[Any]] = [noop, payload_task, cpu, block]
     redis_settings = REDIS
     max_jobs = MAX_JOBS
     poll_delay = POLL
@@ -64,7 +78,10 @@ class WorkerSettings:
 class Arq(Contestant):
     name: ClassVar[str] = "arq"
     dists: ClassVar[tuple[str, ...]] = ("arq", "redis", "hiredis", "uvloop")
-    unsupported: ClassVar[dict[str, str]] = {"enqueue_batch": "no batch enqueue API"}
+    unsupported: ClassVar[dict[str, str]] = {
+        "enqueue_batch": "no batch enqueue API",
+        "queues": "a worker consumes one queue (WorkerSettings.queue_name)",
+    }
 
     def __init__(self, transport: str) -> None:
         super().__init__(transport)
@@ -88,6 +105,8 @@ class Arq(Contestant):
     async def send(self, kind: str = "noop", ms: float = 0.0) -> Any:
         if kind == "noop":
             return await self.pool.enqueue_job("noop")
+        if kind == "payload":
+            return await self.pool.enqueue_job("payload_task", payload())
         return await self.pool.enqueue_job(kind, ms)
 
     async def wait(self, handle: Job, timeout: float) -> None:

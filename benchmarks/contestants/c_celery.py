@@ -5,6 +5,8 @@ Worker: ``celery -A c_celery worker -P <pool> -c <n> --without-gossip --without-
 here, see SETTINGS.md; cpu: prefork -c 2; block: threads -c 50). The client is sync: called on
 the loop for sequential sends, from threads (up to 64) for fan-in; AsyncResult.get() waits on
 the Redis backend's pub/sub. No batch enqueue (group() publishes one message per task).
+Many queues: ``apply_async(queue=q)`` round robin (queues created on first use, Celery's
+default), worker ``-Q q00,...,q19``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from _common import (
     RESULT_TTL,
     TRANSPORT,
     Contestant,
+    RoundRobin,
     delete_amqp_exchanges,
     delete_amqp_queues,
+    multi_queues,
+    payload,
+    payload_size,
     purge_amqp_queues,
     queue_name,
     run_sync,
@@ -30,8 +36,15 @@ from _common import (
 from celery import Celery
 
 QUEUE = queue_name("celery") if TRANSPORT == "amqp" else "bench"
+QUEUES = multi_queues(QUEUE)  # the many-queues row: apply_async(queue=...) round robin
 NOOP_POOL = os.environ.get("BENCH_CELERY_POOL", "solo:1")
-POOLS = {"noop": NOOP_POOL, "cpu": "prefork:2", "block": "threads:50"}
+POOLS = {
+    "noop": NOOP_POOL,
+    "payload": NOOP_POOL,
+    "queues": NOOP_POOL,
+    "cpu": "prefork:2",
+    "block": "threads:50",
+}
 PREFETCH = 64
 
 app = Celery("c_celery", broker=AMQP_URL if TRANSPORT == "amqp" else REDIS_URL, backend=REDIS_URL)
@@ -52,6 +65,11 @@ app.conf.update(
 @app.task(name="noop")
 def noop() -> None:
     return None
+
+
+@app.task(name="payload")
+def payload_task(data: str) -> int:
+    return payload_size(data)
 
 
 @app.task(name="cpu")
@@ -75,6 +93,7 @@ class CeleryContestant(Contestant):
 
     def __init__(self, transport: str) -> None:
         super().__init__(transport)
+        self.multi = RoundRobin(QUEUES)
         self.settings = {
             "broker": "redis (kombu)" if transport == "redis" else "amqp (py-amqp)",
             "backend": f"redis, result_expires={RESULT_TTL}s",
@@ -89,6 +108,10 @@ class CeleryContestant(Contestant):
     async def send(self, kind: str = "noop", ms: float = 0.0) -> Any:
         if kind == "noop":
             return noop.delay()
+        if kind == "payload":
+            return payload_task.delay(payload())
+        if kind == "queues":
+            return noop.apply_async(queue=self.multi.next())
         return (cpu if kind == "cpu" else block).delay(ms)
 
     async def wait(self, handle: Any, timeout: float) -> None:
@@ -114,20 +137,20 @@ class CeleryContestant(Contestant):
             "-l",
             "WARNING",
             "-Q",
-            QUEUE,
+            ",".join(QUEUES) if kind == "queues" else QUEUE,
         ]
         return argv, {"BENCH_KIND": kind}
 
     async def purge(self) -> None:
         await super().purge()
         if self.transport == "amqp":
-            await purge_amqp_queues([QUEUE])
+            await purge_amqp_queues([QUEUE, *QUEUES])
 
     async def cleanup(self) -> None:
         await super().cleanup()
         if self.transport == "amqp":
-            await delete_amqp_queues([QUEUE])
-            await delete_amqp_exchanges([QUEUE])
+            await delete_amqp_queues([QUEUE, *QUEUES])
+            await delete_amqp_exchanges([QUEUE, *QUEUES])
 
 
 def make(transport: str) -> Contestant:

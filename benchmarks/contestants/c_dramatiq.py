@@ -19,7 +19,11 @@ from _common import (
     RESULT_TTL,
     TRANSPORT,
     Contestant,
+    RoundRobin,
     delete_amqp_queues,
+    multi_queues,
+    payload,
+    payload_size,
     purge_amqp_queues,
     queue_name,
     run_sync,
@@ -44,11 +48,22 @@ else:
 broker.add_middleware(Results(backend=backend, result_ttl=RESULT_TTL * 1000))
 dramatiq.set_broker(broker)
 THREADS = int(os.environ.get("BENCH_DRAMATIQ_THREADS", "8"))
+QUEUES = multi_queues(QUEUE)  # the many-queues row: noop messages re-addressed round robin
+if os.environ.get("BENCH_KIND") == "queues":
+    # the worker consumes every queue the broker has declared (--queues picks among them);
+    # declared here only for that worker, so the plain rows' worker has no extra consumers
+    for _q in QUEUES:
+        broker.declare_queue(_q)
 
 
 @dramatiq.actor(store_results=True, queue_name=QUEUE, max_retries=0)
 def noop() -> None:
     return None
+
+
+@dramatiq.actor(store_results=True, queue_name=QUEUE, max_retries=0)
+def payload_task(data: str) -> int:
+    return payload_size(data)
 
 
 @dramatiq.actor(store_results=True, queue_name=QUEUE, max_retries=0)
@@ -61,6 +76,9 @@ def block(ms: float) -> None:
     sleep_ms(ms)
 
 
+SUFFIXES = ("", ".DQ", ".XQ")  # a RabbitMQ queue, its delay and its dead-letter queue
+
+
 class Dramatiq(Contestant):
     name: ClassVar[str] = "dramatiq"
     dists: ClassVar[tuple[str, ...]] = ("dramatiq", "redis", "pika")
@@ -71,6 +89,7 @@ class Dramatiq(Contestant):
 
     def __init__(self, transport: str) -> None:
         super().__init__(transport)
+        self.multi = RoundRobin(QUEUES)
         self.settings = {
             "broker": "RedisBroker"
             if transport == "redis"
@@ -88,6 +107,11 @@ class Dramatiq(Contestant):
     async def send(self, kind: str = "noop", ms: float = 0.0) -> Any:
         if kind == "noop":
             return noop.send()
+        if kind == "payload":
+            return payload_task.send(payload())
+        if kind == "queues":
+            # Actor.send is message() + broker.enqueue(); this sends the same message to q
+            return broker.enqueue(noop.message().copy(queue_name=self.multi.next()))
         return (cpu if kind == "cpu" else block).send(ms)
 
     async def wait(self, handle: Any, timeout: float) -> None:
@@ -108,17 +132,19 @@ class Dramatiq(Contestant):
             "--threads",
             str(threads),
         ]
+        if kind == "queues":
+            argv += ["--queues", *QUEUES]
         return argv, {"BENCH_KIND": kind}
 
     async def purge(self) -> None:
         await super().purge()
         if self.transport == "amqp":
-            await purge_amqp_queues([QUEUE, f"{QUEUE}.DQ", f"{QUEUE}.XQ"])
+            await purge_amqp_queues([f"{q}{x}" for q in (QUEUE, *QUEUES) for x in SUFFIXES])
 
     async def cleanup(self) -> None:
         await super().cleanup()
         if self.transport == "amqp":
-            await delete_amqp_queues([QUEUE, f"{QUEUE}.DQ", f"{QUEUE}.XQ"])
+            await delete_amqp_queues([f"{q}{x}" for q in (QUEUE, *QUEUES) for x in SUFFIXES])
 
     async def stop(self) -> None:
         broker.close()

@@ -13,7 +13,15 @@ import contextlib
 from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
-from _common import REDIS_URL, Contestant, sleep_ms, use_uvloop, venv_bin
+from _common import (
+    REDIS_URL,
+    Contestant,
+    payload,
+    payload_size,
+    sleep_ms,
+    use_uvloop,
+    venv_bin,
+)
 from saq.queue.redis import RedisQueue
 
 LOOP = use_uvloop()
@@ -29,13 +37,17 @@ async def noop(ctx: dict[str, Any]) -> None:
     return None
 
 
+async def payload_task(ctx: dict[str, Any], *, data: str) -> int:
+    return payload_size(data)
+
+
 def block(ctx: dict[str, Any], *, ms: float) -> None:
     sleep_ms(ms)
 
 
 settings = {
     "queue": queue,
-    "functions": [noop, block],
+    "functions": [noop, payload_task, block],
     "concurrency": CONCURRENCY,
 }
 
@@ -46,6 +58,7 @@ class Saq(Contestant):
     unsupported: ClassVar[dict[str, str]] = {
         "enqueue_batch": "no batch enqueue API (Queue.map gathers single enqueues)",
         "cpu": "no process executor (sync functions run in a thread pool)",
+        "queues": "a worker consumes one queue (settings['queue'])",
     }
 
     def __init__(self, transport: str) -> None:
@@ -71,6 +84,8 @@ class Saq(Contestant):
     async def send(self, kind: str = "noop", ms: float = 0.0) -> Any:
         if kind == "noop":
             return await queue.enqueue("noop")
+        if kind == "payload":
+            return await queue.enqueue("payload_task", data=payload())
         return await queue.enqueue(kind, ms=ms)
 
     async def wait(self, handle: Any, timeout: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from _common import REDIS_URL, Contestant, sleep_ms, venv_bin
+from _common import REDIS_URL, Contestant, payload, payload_size, sleep_ms, venv_bin
 from streaq import Worker
 
 CONCURRENCY = 200
@@ -28,6 +28,11 @@ async def noop() -> None:
 
 
 @worker.task()
+async def payload_task(data: str) -> int:
+    return payload_size(data)
+
+
+@worker.task()
 def block(ms: float) -> None:
     sleep_ms(ms)
 
@@ -38,6 +43,7 @@ class Streaq(Contestant):
     batch_size: ClassVar[int | None] = 100
     unsupported: ClassVar[dict[str, str]] = {
         "cpu": "no process executor (sync tasks run in threads)",
+        "queues": "a worker consumes one queue (Worker(queue_name=...))",
     }
 
     def __init__(self, transport: str) -> None:
@@ -62,6 +68,8 @@ class Streaq(Contestant):
     async def send(self, kind: str = "noop", ms: float = 0.0) -> Any:
         if kind == "noop":
             return await noop.enqueue()
+        if kind == "payload":
+            return await payload_task.enqueue(payload())
         return await block.enqueue(ms)
 
     async def send_batch(self, count: int) -> list[Any]:
