@@ -64,6 +64,7 @@ class Spec:
 SPECS: list[Spec] = [
     Spec("floor-redis-1by1", "floor redis 1-by-1", "floor", "c_floor", "redis", "1by1", True),
     Spec("floor-redis-batch", "floor redis batch100", "floor", "c_floor", "redis", "batch", True),
+    Spec("floor-redis-raw", "floor redis raw", "floor", "c_floor", "redis", "raw", True),
     Spec("floor-amqp", "floor amqp", "floor", "c_floor", "amqp", "batch", True),
     Spec("aioqueue-redis", "aioqueue", "aioqueue", "c_aioqueue", "redis"),
     Spec("aioqueue-amqp", "aioqueue", "aioqueue", "c_aioqueue", "amqp"),
