@@ -110,6 +110,64 @@ async def test_5000_foreign_waiters_use_a_bounded_number_of_connections(
         assert 1 <= peak <= 3, peak
 
 
+async def test_a_wait_is_bounded_while_the_result_listener_is_not_listening_yet(
+    redis_url: str, key_prefix: str, redis_cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """get(timeout=) counts the listener's start: a listener that never confirms its reply
+    channel makes the wait raise ResultTimeout, not hang past its timeout."""
+    reader = App(f"stuck-{uuid.uuid4().hex[:8]}", broker=redis_url, key_prefix=key_prefix)
+    async with reader:
+        backend = reader.backend
+        assert isinstance(backend, RedisBackend)
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def stuck() -> None:
+            await never
+
+        monkeypatch.setattr(backend.listener, "start", stuck)
+        with pytest.raises(ResultTimeout, match="not listening yet"):
+            async with asyncio.timeout(5):  # a hang fails here, not at the suite's timeout
+                await reader.AsyncResult("nobody").get(timeout=0.3)
+
+
+async def test_a_listener_whose_first_subscribe_was_lost_listens_within_seconds(
+    redis_url: str, key_prefix: str, redis_cleanup: None
+) -> None:
+    """The first write on a new listener connection never reaches the server: the probe a
+    second later sends the subscriptions again (before, nothing came for ping_interval, 30 s,
+    and every waiter waited on start() meanwhile)."""
+    reader = App(f"lost-{uuid.uuid4().hex[:8]}", broker=redis_url, key_prefix=key_prefix)
+    backend = reader.backend
+    assert isinstance(backend, RedisBackend)
+    listener = backend.listener
+    dropped: list[int] = []
+    connect = listener._new_connection
+
+    def lossy() -> Any:
+        conn = connect()
+        send, handshake = conn.send_packed_command, conn.connect
+
+        async def first_lost(command: Any, check_health: bool = True) -> None:
+            if not dropped:
+                dropped.append(1)
+                return
+            await send(command, check_health=check_health)
+
+        async def connect_then_lose() -> None:
+            await handshake()  # its own commands go through
+            conn.send_packed_command = first_lost
+
+        conn.connect = connect_then_lose
+        return conn
+
+    listener._new_connection = lossy
+    async with reader:
+        async with asyncio.timeout(5):
+            await listener.start()
+        assert dropped == [1]
+        assert listener.epoch == 1  # listening, on that very connection
+
+
 # -- 2. two waiters on one id --------------------------------------------------------------
 
 

@@ -82,6 +82,10 @@ class _Subscription:
         self.sent = False  # a SUBSCRIBE for it went out on the current connection
 
 
+_FIRST_PROBE = 1.0
+"""Seconds a new connection waits for its first confirmations before it probes (PING)."""
+
+
 class ResultListener:
     """The reply channel of this process plus the ``done`` channels its waiters need."""
 
@@ -240,11 +244,19 @@ class ResultListener:
     async def _read(self, conn: Any) -> None:
         probed = False
         while True:
-            frame = await conn.read_response(disable_decoding=True, timeout=self.ping_interval)
+            # Until the reply channel's SUBSCRIBE is confirmed every waiter waits on start():
+            # the probe then comes after a second, not after ping_interval, and sends every
+            # subscription again with its PING (SUBSCRIBE is idempotent), in case the first
+            # write never reached the server.
+            listening = self._ready is None or self._ready.done()
+            wait = self.ping_interval if listening or probed else _FIRST_PROBE
+            frame = await conn.read_response(disable_decoding=True, timeout=wait)
             if frame is None:
                 if probed:
                     raise ConnectionError(f"no reply to PING within {self.ping_interval}s")
                 probed = self._ping = True
+                if not listening:
+                    self._fresh = True
                 self._wake.set()
                 continue
             probed = False

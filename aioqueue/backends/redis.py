@@ -569,14 +569,22 @@ class RedisBackend:
 
     async def wait(self, task_id: str, *, timeout: float | None, token: object = None) -> bytes:
         listener = self.listener
-        await listener.start()
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):  # the listener's start counts too
+                await listener.start()
+        except TimeoutError:
+            raise ResultTimeout(
+                f"no result for task {task_id} within {timeout}s (the result listener on "
+                f"{listener.url} was not listening yet)"
+            ) from None
         cached = listener.cache.get(task_id)
         if cached is not None:
             return cached
         waiter = listener.register(task_id)
         pushed_to_us = token is not None and token == listener.token()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 if not pushed_to_us:
                     await asyncio.shield(listener.acquire_done(task_id))
                     stored = await self._read_final(task_id)
