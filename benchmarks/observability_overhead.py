@@ -31,7 +31,7 @@ import time
 import uuid
 from typing import Any
 
-import redis.asyncio as aioredis
+from keyspace import delete_prefixed
 
 from aioqueue import App
 
@@ -97,7 +97,7 @@ async def drain(mode: str, n: int, amqp: bool) -> tuple[float, float]:
             await run
             return elapsed, cpu
     finally:
-        await cleanup(prefix)
+        await delete_prefixed(REDIS, prefix)
 
 
 async def round_trip(mode: str, n: int, amqp: bool) -> tuple[float, float]:
@@ -112,17 +112,7 @@ async def round_trip(mode: str, n: int, amqp: bool) -> tuple[float, float]:
                 await (await noop.send()).get(timeout=10)
             return (time.perf_counter() - began) / n, (time.process_time() - cpu) / n
     finally:
-        await cleanup(prefix)
-
-
-async def cleanup(prefix: str) -> None:
-    client = aioredis.Redis.from_url(REDIS)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+        await delete_prefixed(REDIS, prefix)
 
 
 async def main() -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import redis.asyncio as aioredis
+from keyspace import delete_prefixed
 
 from aioqueue import App
 
@@ -148,18 +148,8 @@ async def run_one(broker: str, count: int, log: IO[bytes]) -> tuple[Drain, Drain
             except TimeoutError:
                 worker.kill()
                 await worker.wait()
-        await _delete_keys(prefix)
+        await delete_prefixed(REDIS_URL, prefix)
     return baseline, limited_drain
-
-
-async def _delete_keys(prefix: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-        for i in range(0, len(keys), 1000):
-            await client.delete(*keys[i : i + 1000])
-    finally:
-        await client.aclose()
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika
 import redis.asyncio as aioredis
+from keyspace import delete_prefixed
 
 from aioqueue import App
 from aioqueue.sync import sync_client
@@ -124,15 +125,6 @@ def sync_sends(app: App, n: int) -> tuple[list[float], list[float]]:
     return out, hops
 
 
-async def delete_keys(prefix: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        async for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            await client.unlink(key)
-    finally:
-        await client.aclose()
-
-
 def run(broker: str, n: int) -> str:
     prefix = f"aqsyncbench-{uuid.uuid4().hex[:8]}"
     app = build(broker, prefix)
@@ -141,7 +133,7 @@ def run(broker: str, n: int) -> str:
         sync_samples, hop_samples = sync_sends(app, n)
         rtt_samples = asyncio.run(round_trips(broker, prefix, n))
     finally:
-        asyncio.run(delete_keys(prefix))
+        asyncio.run(delete_prefixed(REDIS_URL, prefix))
     (a50, a99), (s50, s99), (r50, r99), (h50, _) = map(
         summary, (async_samples, sync_samples, rtt_samples, hop_samples)
     )
