@@ -276,6 +276,16 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
+async def fetch_exactly(consumer: Any, count: int) -> list[Any]:
+    """What a worker with ``count`` free slots gathers: RabbitMQ pushes deliveries one frame at a
+    time, so a single fetch may return as soon as the first of them has arrived."""
+    got: list[Any] = []
+    async with asyncio.timeout(10):
+        while len(got) < count:
+            got += await consumer.fetch(count - len(got), 5)
+    return got
+
+
 # -- private servers and raw clients ------------------------------------------------------------
 
 

@@ -22,7 +22,14 @@ from typing import Any
 import aiormq
 import pytest
 from amqp_cli_app import make_app
-from conftest import AMQP_URL, REDIS_URL, require_server, running_worker, wait_until
+from conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    fetch_exactly,
+    require_server,
+    running_worker,
+    wait_until,
+)
 
 from aioqueue import App, BrokerError, ResultBackendError
 from aioqueue._amqp import guarded
@@ -370,16 +377,6 @@ async def test_every_task_completes_when_the_broker_closes_all_connections_at_on
     assert len(results) == total
     assert values == [2 * i for i in range(total)]
     assert stopped_in < 5, f"the graceful stop took {stopped_in:.1f}s"
-
-
-async def fetch_exactly(consumer: Any, count: int) -> list[Delivery]:
-    """What a worker with ``count`` free slots gathers: RabbitMQ pushes deliveries one frame at a
-    time, so a single fetch may return as soon as the first of them has arrived."""
-    got: list[Delivery] = []
-    async with asyncio.timeout(10):
-        while len(got) < count:
-            got += await consumer.fetch(count - len(got), 5)
-    return got
 
 
 async def test_prefetch_follows_free_slots(amqp_app: AppMaker) -> None:

@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from conftest import AMQP_URL, require_server, wait_until
+from conftest import AMQP_URL, fetch_exactly, require_server, wait_until
 
 from aioqueue.brokers.amqp import AmqpBroker
 from aioqueue.brokers.amqp_consumer import _Acks, _AmqpDelivery
@@ -89,9 +89,7 @@ async def test_a_crash_gives_back_exactly_the_unacked_messages(key_prefix: str) 
             await broker.publish("q", b'{"i":%d}' % i)
         consumer: Any = broker.consumer(["q"], worker_id="acks-test", prefetch=10)
         await consumer.start()
-        deliveries: list[_AmqpDelivery] = []
-        while len(deliveries) < 10:
-            deliveries += await consumer.fetch(10 - len(deliveries), 5)
+        deliveries: list[_AmqpDelivery] = await fetch_exactly(consumer, 10)
         deliveries.sort(key=lambda d: d._tag)
         assert [d.body for d in deliveries] == [b'{"i":%d}' % i for i in range(10)]
         await asyncio.gather(*(d.ack() for d in deliveries[1:]))
