@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from conftest import running_worker, wait_until
 
-from aioqueue import App
+from aioqueue import App, BrokerConnectionError
 from aioqueue.brokers.redis import RedisBroker
+from aioqueue.message import Message
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -144,3 +146,124 @@ async def test_foreign_process_handle_wakes_by_subscription(
         await wait_until(subscribed)  # the wait is parked on its subscription, not on a read
         release.set()
         assert await waiting == "opened"
+
+
+def _body(app: App, tag: str, queue: str, priority: int | None = None) -> bytes:
+    return app.codec.encode(Message(tag, "job", queue, (tag,), priority=priority))
+
+
+def _count_round_trips(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the batcher's runs (one round trip each when nothing else is in flight)."""
+    calls = [0]
+    run = broker.batcher.run
+
+    async def counted(stage: Any) -> Any:
+        calls[0] += 1
+        return await run(stage)
+
+    monkeypatch.setattr(broker.batcher, "run", counted)
+    return calls
+
+
+async def test_one_fetch_reads_the_queues_in_order_in_one_round_trip(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listed queues are read first to last, each oldest first, the next one only while the
+    fetch still wants more; empty queues on the way cost no round trip of their own."""
+    async with app:
+        broker = app.broker
+        assert isinstance(broker, RedisBroker)
+        queues = [f"q{i}" for i in range(20)]
+        for tag in ("a1", "a2"):
+            await broker.publish("q1", _body(app, tag, "q1"))
+        for tag in ("b1", "b2", "b3"):
+            await broker.publish("q17", _body(app, tag, "q17"))
+        await broker.publish("q19", _body(app, "c1", "q19"))
+        consumer = broker.consumer(queues, worker_id="ordered")
+        await consumer.start()
+        try:
+            calls = _count_round_trips(broker, monkeypatch)
+            taken = await consumer.fetch(4, 0)
+            assert calls == [1]
+            assert [(d.queue, app.codec.decode(d.body).id) for d in taken] == [
+                ("q1", "a1"),
+                ("q1", "a2"),
+                ("q17", "b1"),
+                ("q17", "b2"),
+            ]
+            assert await broker.queue_length("q17") == 1
+            assert await broker.queue_length("q19") == 1  # not reached: the fetch was full
+            rest = await consumer.fetch(10, 0)
+            assert [app.codec.decode(d.body).id for d in rest] == ["b3", "c1"]
+            for delivery in [*taken, *rest]:
+                await delivery.ack()
+        finally:
+            await consumer.close()
+
+
+async def test_one_fetch_keeps_each_queues_priorities_and_size_limit(
+    app: App, raw: aioredis.Redis, key_prefix: str
+) -> None:
+    """Across queues in one call, a later queue's prioritised message still comes before its
+    plain ones, and a body over the size limit on any queue is refused into that queue's dead
+    letters (the worker records FAILURE from its prefix), never handed out."""
+    async with app:
+        broker = app.broker
+        assert isinstance(broker, RedisBroker)
+        await broker.publish("first", _body(app, "small", "first"))
+        big = app.codec.encode(Message("huge", "job", "first", ("x" * 3000,)))
+        await raw.lpush(f"{key_prefix}:{{first}}", big)
+        await broker.publish("second", _body(app, "plain", "second"))
+        await broker.publish("second", _body(app, "urgent", "second", priority=9))
+        consumer = broker.consumer(["first", "second"], worker_id="mixed", max_size=2000)
+        await consumer.start()
+        try:
+            taken = await consumer.fetch(10, 0)
+            refused = [d for d in taken if d.size != len(d.body)]
+            assert [(d.queue, d.size, big.startswith(d.body)) for d in refused] == [
+                ("first", len(big), True)
+            ]
+            kept = [(d.queue, app.codec.decode(d.body).id) for d in taken if d not in refused]
+            assert kept == [("first", "small"), ("second", "urgent"), ("second", "plain")]
+            (dead,) = await broker.dead_letters("first")
+            assert "max_message_size=2000" in dead.reason
+            assert await broker.dead_letters("second") == []
+            for delivery in taken:
+                await delivery.ack()
+        finally:
+            await consumer.close()
+
+
+async def test_a_lost_fetch_reply_is_reconciled_on_every_queue_it_read(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One call moved messages of two queues and its reply was lost: the next fetch adopts
+    what sits in both processing lists, so nothing stays held by a worker that forgot it."""
+    async with app:
+        broker = app.broker
+        assert isinstance(broker, RedisBroker)
+        await broker.publish("one", _body(app, "x", "one"))
+        await broker.publish("two", _body(app, "y", "two"))
+        consumer = broker.consumer(["one", "two"], worker_id="forgetful")
+        await consumer.start()
+        run = broker.batcher.run
+
+        async def reply_lost(stage: Any) -> Any:
+            await run(stage)
+            raise BrokerConnectionError("connection lost before the reply")
+
+        try:
+            monkeypatch.setattr(broker.batcher, "run", reply_lost)
+            with pytest.raises(BrokerConnectionError):
+                await consumer.fetch(10, 0)
+            monkeypatch.setattr(broker.batcher, "run", run)
+            assert await broker.queue_length("one") == await broker.queue_length("two") == 0
+            adopted = await consumer.fetch(10, 0)
+            assert sorted((d.queue, app.codec.decode(d.body).id) for d in adopted) == [
+                ("one", "x"),
+                ("two", "y"),
+            ]
+            for delivery in adopted:
+                await delivery.ack()
+        finally:
+            await consumer.close()

@@ -93,63 +93,79 @@ from .priorities import LEVEL_KEY, LOW_TURN, LUA_DESTINATION
 
 __all__ = ["RedisBroker"]
 
+_FETCH_KEYS = 13  # keys the fetch script declares per queue (see _FETCH)
+
 log = logging.getLogger("aioqueue.broker.redis")
 
-# Move up to ARGV[1] messages from the queue KEYS[1] (and, while the marker KEYS[4] exists, its
-# priority lists KEYS[4 + N] (N = 1..9) in the order priorities.py describes: ARGV[6] counts the
-# takes towards the low turn and its new value is returned third; the marker goes when they are
-# all empty) into the processing list KEYS[2], oldest first. A body longer than ARGV[2] bytes
-# (0: no limit) is not handed out: it goes to the dead letters KEYS[3] as a record of its size
-# and first ARGV[5] bytes (hex), so no worker ever reads it whole; its prefix and size come back
-# in the second list so the worker can record FAILURE. ARGV[3] is the queue's name and ARGV[4]
-# the time, for the record.
+# Move up to ARGV[1] messages from a worker's queues into their processing lists, oldest first,
+# the queues in the order given: the next queue is read only while fewer than ARGV[1] were
+# taken, so one call does what one call per queue did, without a round trip per empty queue.
+# Each queue i (from 0) declares FETCH_KEYS keys from KEYS[FETCH_KEYS * i + 1]: its list, its
+# processing list, its dead letters, its priority marker and its nine priority lists (read,
+# while the marker exists, in the order priorities.py describes), and passes two arguments from
+# ARGV[2 * i + 5]: its name (for a dead-letter record) and the count of takes towards the low
+# turn. A body longer than ARGV[2] bytes (0: no limit) is not handed out: it goes to the dead
+# letters as a record of its size and first ARGV[4] bytes (hex), so no worker ever reads it
+# whole; its prefix and size come back so the worker can record FAILURE. ARGV[3] is the time.
+# Returns, for each queue read, {moved, refused, new turn count}; a queue not reached has none.
 _FETCH = """
-local want, max, keep = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[5])
-local turns = tonumber(ARGV[6])
-local out, refused = {}, {}
-local levels = false
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  levels = {}
-  for n = 1, 9 do levels[n] = KEYS[4 + n] end
-end
-while #out < want and #refused < 200 do
-  local v
-  if not levels then
-    v = redis.call('RPOP', KEYS[1])
-  else
-    turns = turns + 1
-    if turns % LOW_TURN == 0 then
-      v = redis.call('RPOP', KEYS[1])
-      for n = 1, 9 do
-        if v then break end
-        v = redis.call('RPOP', levels[n])
-      end
+local want, max, keep = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
+local taken, refusals, replies = 0, 0, {}
+local function take(k, name, turns)
+  local queue, processing, dead, marker = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+  local out, refused = {}, {}
+  local levels = false
+  if redis.call('EXISTS', marker) == 1 then
+    levels = {}
+    for n = 1, 9 do levels[n] = KEYS[k + 4 + n] end
+  end
+  while taken < want and refusals < 100 do
+    local v
+    if not levels then
+      v = redis.call('RPOP', queue)
     else
-      for n = 9, 1, -1 do
-        v = redis.call('RPOP', levels[n])
-        if v then break end
+      turns = turns + 1
+      if turns % LOW_TURN == 0 then
+        v = redis.call('RPOP', queue)
+        for n = 1, 9 do
+          if v then break end
+          v = redis.call('RPOP', levels[n])
+        end
+      else
+        for n = 9, 1, -1 do
+          v = redis.call('RPOP', levels[n])
+          if v then break end
+        end
+        if not v then v = redis.call('RPOP', queue) end
       end
-      if not v then v = redis.call('RPOP', KEYS[1]) end
+    end
+    if not v then break end
+    if max > 0 and string.len(v) > max then
+      local head = string.sub(v, 1, keep)
+      local hex = string.gsub(head, '.',
+        function(c) return string.format('%02x', string.byte(c)) end)
+      redis.call('LPUSH', dead, cjson.encode({queue = name, at = tonumber(ARGV[3]),
+        size = string.len(v), body_hex = hex,
+        reason = 'MessageTooLarge: message is ' .. string.len(v) ..
+                 ' bytes, over max_message_size=' .. ARGV[2]}))
+      refused[#refused + 1] = head
+      refused[#refused + 1] = tostring(string.len(v))
+      refusals = refusals + 1
+    else
+      redis.call('LPUSH', processing, v)
+      out[#out + 1] = v
+      taken = taken + 1
     end
   end
-  if not v then break end
-  if max > 0 and string.len(v) > max then
-    local head = string.sub(v, 1, keep)
-    local hex = string.gsub(head, '.', function(c) return string.format('%02x', string.byte(c)) end)
-    redis.call('LPUSH', KEYS[3], cjson.encode({queue = ARGV[3], at = tonumber(ARGV[4]),
-      size = string.len(v), body_hex = hex,
-      reason = 'MessageTooLarge: message is ' .. string.len(v) ..
-               ' bytes, over max_message_size=' .. ARGV[2]}))
-    refused[#refused + 1] = head
-    refused[#refused + 1] = tostring(string.len(v))
-  else
-    redis.call('LPUSH', KEYS[2], v)
-    out[#out + 1] = v
-  end
+  if levels and redis.call('EXISTS', unpack(levels)) == 0 then redis.call('DEL', marker) end
+  return {out, refused, turns % LOW_TURN}
 end
-if levels and redis.call('EXISTS', unpack(levels)) == 0 then redis.call('DEL', KEYS[4]) end
-return {out, refused, turns % LOW_TURN}
-""".replace("LOW_TURN", str(LOW_TURN))
+for i = 0, #KEYS / FETCH_KEYS - 1 do
+  if taken >= want or refusals >= 100 then break end
+  replies[#replies + 1] = take(FETCH_KEYS * i, ARGV[2 * i + 5], tonumber(ARGV[2 * i + 6]))
+end
+return replies
+""".replace("LOW_TURN", str(LOW_TURN)).replace("FETCH_KEYS", str(_FETCH_KEYS))
 
 # Lua: raise the attempt number carried in a '{"attempt":N,' prefix of a JSON body.
 _BUMP_ATTEMPT = """
@@ -572,6 +588,13 @@ class _RedisConsumer:
         # every wait until it fires (no task or future per wait on the idle round trip).
         self._urgent: asyncio.Future[None] | None = None
         self._turns = dict.fromkeys(self.queues, 0)  # takes towards the low turn (priorities.py)
+        self._fetch_keys = {
+            q: [k.queue, self._processing[q], k.dead, k.marker, *k.levels[1:]]
+            for q, k in self._keys.items()
+        }
+        # One fetch call for all queues needs their keys on one server: not on a cluster, where
+        # each queue's keys hash to a slot of their own and each queue gets a call of its own.
+        self._one_call = isinstance(broker.batcher, CommandBatcher)
         self._mover = DelayMover(broker, list(self._keys.values()), on_urgent=self._on_urgent)
         self._lease: _LeaseKeeper | None = None
         self._blocking: RedisClient | None = None
@@ -622,10 +645,14 @@ class _RedisConsumer:
         if self._dirty:
             await self._reconcile()
         out = self._take_buffered(max_count)
-        for queue in self.queues:
-            if len(out) >= max_count:
-                break
-            out.extend(await self._fetch_batch(queue, max_count - len(out)))
+        if len(out) < max_count:
+            if self._one_call:
+                out.extend(await self._fetch_batch(self.queues, max_count - len(out)))
+            else:
+                for queue in self.queues:
+                    if len(out) >= max_count:
+                        break
+                    out.extend(await self._fetch_batch((queue,), max_count - len(out)))
         if out or timeout <= 0 or (wake is not None and wake.is_set()):
             return out
         return await self._wait(max_count, timeout, wake)
@@ -634,28 +661,25 @@ class _RedisConsumer:
         taken, self._buffer = self._buffer[:max_count], self._buffer[max_count:]
         return taken
 
-    async def _fetch_batch(self, queue: str, count: int) -> list[Delivery]:
-        keys = self._keys[queue]
-        processing = self._processing[queue]
+    async def _fetch_batch(self, queues: Sequence[str], count: int) -> list[Delivery]:
+        """Up to ``count`` messages from ``queues``, the first ones first, in one script call."""
+        keys: list[str] = []
+        args: list[object] = [count, self.max_size or 0, time.time(), DEAD_LETTER_PREFIX]
+        for queue in queues:
+            keys += self._fetch_keys[queue]
+            args += (queue, self._turns[queue])
         try:
-            moved, refused, self._turns[queue] = await _FETCH_SCRIPT.run(
-                self.broker.batcher,
-                [keys.queue, processing, keys.dead, keys.marker, *keys.levels[1:]],
-                [
-                    count,
-                    self.max_size or 0,
-                    queue,
-                    time.time(),
-                    DEAD_LETTER_PREFIX,
-                    self._turns[queue],
-                ],
-            )
+            replies = await _FETCH_SCRIPT.run(self.broker.batcher, keys, args)
         except AioQueueError:
-            self._dirty.add(queue)  # the script may have run with its reply lost: reconcile
+            self._dirty.update(queues)  # the script may have run with its reply lost: reconcile
             raise
-        out: list[Delivery] = [_RedisDelivery(self, queue, processing, body) for body in moved]
-        for index in range(0, len(refused), 2):
-            out.append(_RefusedDelivery(queue, refused[index], int(refused[index + 1])))
+        out: list[Delivery] = []
+        for queue, (moved, refused, turns) in zip(queues, replies, strict=False):  # read ones
+            self._turns[queue] = turns
+            processing = self._processing[queue]
+            out += [_RedisDelivery(self, queue, processing, body) for body in moved]
+            for index in range(0, len(refused), 2):
+                out.append(_RefusedDelivery(queue, refused[index], int(refused[index + 1])))
         return out
 
     def _collect_waits(self) -> None:
