@@ -10,11 +10,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
-import pickle
 import sys
 import uuid
 from datetime import date, datetime, time, timedelta
-from decimal import Decimal
 from typing import Any, Protocol
 
 import orjson
@@ -56,7 +54,8 @@ def json_default(obj: Any) -> Any:
     """
     if isinstance(obj, set | frozenset | tuple):
         return list(obj)
-    if isinstance(obj, Decimal):
+    decimal = sys.modules.get("decimal")  # a Decimal means decimal is imported already
+    if decimal is not None and isinstance(obj, decimal.Decimal):
         return str(obj)
     if isinstance(obj, bytes | bytearray | memoryview):
         return base64.b64encode(obj).decode("ascii")
@@ -112,12 +111,16 @@ class PickleSerializer:
     name = "pickle"
 
     def dumps(self, obj: Any) -> bytes:
+        import pickle  # here: only an app that chose pickle pays for the import
+
         try:
             return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise SerializationError(f"cannot pickle: {exc}") from exc
 
     def loads(self, data: bytes) -> Any:
+        import pickle
+
         try:
             return pickle.loads(data)
         except Exception as exc:

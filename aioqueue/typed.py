@@ -33,8 +33,10 @@ import uuid
 from collections import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from decimal import Decimal
 
 __all__ = ["ArgumentPlan", "Convert", "plan", "plan_arguments", "plan_result"]
 
@@ -84,6 +86,8 @@ def _timedelta(value: Any) -> dt.timedelta:
 
 
 def _decimal(value: Any) -> Decimal:
+    from decimal import Decimal, InvalidOperation  # only planned for a Decimal hint (see plan)
+
     if isinstance(value, Decimal):
         return value
     if type(value) in (str, int, float):
@@ -122,11 +126,17 @@ _SCALARS: dict[Any, Convert] = {
     dt.date: _date,
     dt.time: _time,
     dt.timedelta: _timedelta,
-    Decimal: _decimal,
     uuid.UUID: _uuid,
     bytes: _bytes,
     bytearray: _bytearray,
 }
+
+
+def _decimal_plan(hint: Any) -> Convert | None:
+    """``_decimal`` for a Decimal hint. Looked up without importing :mod:`decimal`: a module
+    whose hint names Decimal imported it already, and a worker that never sees one saves it."""
+    decimal = sys.modules.get("decimal")
+    return _decimal if decimal is not None and hint is decimal.Decimal else None
 
 
 def _is_pydantic_model(hint: type) -> bool:
@@ -161,7 +171,7 @@ def plan(hint: Any) -> Convert | None:  # noqa: C901 - one flat dispatch over hi
         return _set_of(_SETS[origin or hint], item)
     if not isinstance(hint, type):
         return None
-    scalar = _SCALARS.get(hint)
+    scalar = _SCALARS.get(hint) or _decimal_plan(hint)
     if scalar is not None:
         return scalar
     if issubclass(hint, enum.Enum):

@@ -16,17 +16,18 @@ Cron entries follow the wall clock of their zone. Across DST transitions:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
 
 __all__ = ["Cron", "Every", "Schedule", "crontab", "zone"]
 
 _MS = 1000
-_UTC = ZoneInfo("UTC")
 _SEARCH_LIMIT = 4 * 366 * 86400.0
 
 
@@ -54,7 +55,13 @@ class Schedule(Protocol):
 
 
 def zone(name: str | ZoneInfo | None, default: str = "UTC") -> ZoneInfo:
-    """A ``zoneinfo`` zone, or ConfigurationError naming the unknown zone before any I/O."""
+    """A ``zoneinfo`` zone, or ConfigurationError naming the unknown zone before any I/O.
+
+    :mod:`zoneinfo` (and the sysconfig it reads its search path from) loads with the first
+    schedule, not with aioqueue: a worker without periodic entries never needs it.
+    """
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
     if isinstance(name, ZoneInfo):
         return name
     key = default if name is None else name
@@ -74,7 +81,7 @@ class Every:
     and :30 of each minute, on every host alike)."""
 
     seconds: float
-    tz: ZoneInfo = _UTC
+    tz: ZoneInfo = field(default_factory=lambda: zone(None))
 
     def __post_init__(self) -> None:
         value = self.seconds

@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import orjson
 
 from ..context import Context, StateWriter
@@ -32,6 +31,8 @@ from ..message import Outcome, States
 from ..serializers import get_serializer
 
 if TYPE_CHECKING:
+    import anyio
+
     from ..app import App
     from ..task import Task
 
@@ -339,10 +340,8 @@ class Runner:
         max_tasks_per_child: int | None = None,
     ) -> None:
         self._app = app
-        # The gate bounds how many tasks run in threads; anyio's limiter under it is sized to
-        # match so it never queues on its own, and the gate lets us record STARTED on entry.
-        self._gate = anyio.CapacityLimiter(threads or 40)
-        self._threads = anyio.CapacityLimiter(threads or 40)
+        self._thread_count = threads or 40
+        self._limiters: tuple[anyio.CapacityLimiter, anyio.CapacityLimiter] | None = None
         self._processes = processes
         self._max_tasks_per_child = max_tasks_per_child
         self._pool: ProcessPool | None = None
@@ -391,13 +390,21 @@ class Runner:
     ) -> Any:
         # anyio copies contextvars into the thread; abandon_on_cancel lets a shutdown whose
         # grace period ran out stop waiting for a thread that cannot be interrupted.
+        import anyio.to_thread  # with the first thread task: a worker without one never loads anyio
+
+        if self._limiters is None:
+            # The gate bounds how many tasks run in threads; anyio's limiter under it is sized
+            # to match so it never queues on its own, and the gate lets us record STARTED.
+            self._limiters = (
+                anyio.CapacityLimiter(self._thread_count),
+                anyio.CapacityLimiter(self._thread_count),
+            )
+        gate, threads = self._limiters
         call = partial(self._counted, partial(fn, *args, **kwargs))
-        async with self._gate:
+        async with gate:
             if on_start is not None:
                 await on_start()
-            return await anyio.to_thread.run_sync(
-                call, limiter=self._threads, abandon_on_cancel=True
-            )
+            return await anyio.to_thread.run_sync(call, limiter=threads, abandon_on_cancel=True)
 
     async def run_in_process(
         self,
