@@ -29,12 +29,14 @@ __all__ = [
     "CLUSTER_SCHEMES",
     "CommandBatcher",
     "Commands",
+    "Payload",
     "Script",
     "Stage",
     "connect_redis",
     "eviction_warning",
     "is_cluster_url",
     "new_batcher",
+    "pack",
     "redis_errors_as",
     "reply_or_raise",
     "subscriber_settings",
@@ -43,7 +45,13 @@ __all__ = [
 # redis-py's annotations assume str replies; we speak bytes, so clients are typed loosely.
 RedisClient = Any
 Stage = Callable[["Commands"], object]
+Payload = bytes | list[bytes]
+"""Packed commands: one bytes object, or pieces written in order (see :func:`pack`)."""
 _MAX_BATCH = 512
+# An argument this long goes to the socket as the object it is, beside the packed rest, not
+# copied into one payload twice (by hiredis's packer, then by the join): a 100 KB message body
+# acked by value was a quarter of a worker's CPU per task in those two copies.
+BIG_ARGUMENT = 16384
 REPLY_DEADLINE = 30.0  # seconds for a whole batch's replies before the link counts as dead
 # Every redis-py read and write gives up after this, so a blocking command sent through a
 # redis-py client must block for less. BLMOVE (1 s at a time) goes through a batcher, whose
@@ -153,21 +161,36 @@ class Commands:
     per-call machinery (measured: about 2x the sequential throughput).
     """
 
-    __slots__ = ("stack",)
+    __slots__ = ("big", "stack")
 
     def __init__(self) -> None:
         self.stack: list[tuple[Any, ...]] = []
+        self.big = False
+        """An argument of :data:`BIG_ARGUMENT` bytes or more was added (see :func:`pack`).
+        Set by the methods that carry message bodies and results, the only big values."""
+
+    def _values(self, values: tuple[Any, ...]) -> None:
+        for value in values:
+            if type(value) is bytes and len(value) >= BIG_ARGUMENT:
+                self.big = True
+                return
 
     def lpush(self, key: str, *values: bytes) -> None:
+        if not self.big:
+            self._values(values)
         self.stack.append(("LPUSH", key, *values))
 
     def lrange(self, key: str, start: int, stop: int) -> None:
         self.stack.append(("LRANGE", key, start, stop))
 
     def lrem(self, key: str, count: int, value: bytes) -> None:
+        if len(value) >= BIG_ARGUMENT:
+            self.big = True
         self.stack.append(("LREM", key, count, value))
 
     def set(self, key: str, value: bytes, *, px: int, nx: bool = False) -> None:
+        if len(value) >= BIG_ARGUMENT:
+            self.big = True
         if nx:
             self.stack.append(("SET", key, value, "PX", px, "NX"))
         else:
@@ -179,6 +202,8 @@ class Commands:
     def zadd(self, key: str, *scores_and_members: float | bytes) -> None:
         """ZADD score member [score member ...]. Two byte-identical messages are one member: the
         same task id, attempt and eta sent twice waits once, as a task id is meant to be unique."""
+        if not self.big:
+            self._values(scores_and_members)
         self.stack.append(("ZADD", key, *scores_and_members))
 
     def multi(self) -> None:
@@ -200,9 +225,13 @@ class Commands:
         self.stack.append(("DEL", *keys))
 
     def publish(self, channel: str, message: bytes) -> None:
+        if len(message) >= BIG_ARGUMENT:
+            self.big = True
         self.stack.append(("PUBLISH", channel, message))
 
     def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> None:
+        if not self.big:
+            self._values(keys_and_args[numkeys:])
         self.stack.append(("EVAL", script, numkeys, *keys_and_args))
 
     def blmove(self, source: str, destination: str, timeout: float) -> None:
@@ -210,6 +239,8 @@ class Commands:
         self.stack.append(("BLMOVE", source, destination, "RIGHT", "LEFT", timeout))
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
+        if not self.big:
+            self._values(keys_and_args[numkeys:])
         self.stack.append(("EVALSHA", sha, numkeys, *keys_and_args))
 
     def get(self, key: str) -> None:
@@ -223,7 +254,36 @@ class Commands:
 
     def xadd(self, key: str, field: str, value: bytes, *, maxlen: int) -> None:
         """XADD with an approximate MAXLEN trim (the cheap one: whole macro nodes)."""
+        if len(value) >= BIG_ARGUMENT:
+            self.big = True
         self.stack.append(("XADD", key, "MAXLEN", "~", maxlen, "*", field, value))
+
+
+def pack(commands: Commands) -> Payload:
+    """The commands as RESP: one bytes object, or, with a big argument among them, a list of
+    pieces in which each big argument is its own piece, the very object the caller passed.
+
+    The pieces hold exactly the bytes hiredis would have packed: each other argument is packed
+    by hiredis alone (``*1\\r\\n`` and then the argument, whose prefix is dropped).
+    """
+    if not commands.big:
+        return b"".join([pack_command(command) for command in commands.stack])
+    pieces: list[bytes] = []
+    small: list[bytes] = []
+    for command in commands.stack:
+        if not any(type(arg) is bytes and len(arg) >= BIG_ARGUMENT for arg in command):
+            small.append(pack_command(command))
+            continue
+        small.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            if type(arg) is bytes and len(arg) >= BIG_ARGUMENT:
+                small.append(b"$%d\r\n" % len(arg))
+                pieces += (b"".join(small), arg)
+                small = [b"\r\n"]
+            else:
+                small.append(pack_command((arg,))[4:])
+    pieces.append(b"".join(small))
+    return pieces
 
 
 class Script:
@@ -309,7 +369,7 @@ class CommandBatcher:
             self._submitting = loop.create_task(self._flush())
         return future
 
-    def _pack(self, stage: Stage) -> tuple[bytes, int]:
+    def _pack(self, stage: Stage) -> tuple[Payload, int]:
         """The stage's commands as one RESP payload, and how many replies they will get.
 
         Packed per stage, so a value that cannot be sent (a bug, or a field a message should
@@ -318,7 +378,7 @@ class CommandBatcher:
         commands = Commands()
         stage(commands)
         try:
-            payload = b"".join([pack_command(command) for command in commands.stack])
+            payload = pack(commands)
         except (TypeError, ValueError) as exc:
             with self._translate():
                 raise redis_errors.DataError(f"cannot send a command: {exc}") from exc
@@ -360,7 +420,7 @@ class CommandBatcher:
 
     def _pack_batch(
         self, batch: list[tuple[Stage, asyncio.Future[Any]]]
-    ) -> tuple[list[asyncio.Future[Any]], bytes, list[int]]:
+    ) -> tuple[list[asyncio.Future[Any]], Payload, list[int]]:
         """(the futures of the stages that packed, their payload, where each one's replies end).
 
         The whole batch is packed in one go; only if that fails is it packed stage by stage, so
@@ -372,14 +432,14 @@ class CommandBatcher:
             for stage, _ in batch:
                 stage(commands)
                 ends.append(len(commands.stack))
-            payload = b"".join([pack_command(command) for command in commands.stack])
+            payload = pack(commands)
         except Exception:
             return self._pack_each(batch)
         return [future for _, future in batch], payload, ends
 
     def _pack_each(
         self, batch: list[tuple[Stage, asyncio.Future[Any]]]
-    ) -> tuple[list[asyncio.Future[Any]], bytes, list[int]]:
+    ) -> tuple[list[asyncio.Future[Any]], Payload, list[int]]:
         waiting: list[asyncio.Future[Any]] = []
         parts: list[bytes] = []
         ends: list[int] = []
@@ -392,15 +452,18 @@ class CommandBatcher:
                     future.set_exception(exc)
                 continue
             waiting.append(future)
-            parts.append(payload)
+            if isinstance(payload, bytes):
+                parts.append(payload)
+            else:
+                parts += payload
             total += count
             ends.append(total)
-        return waiting, b"".join(parts), ends
+        return waiting, parts, ends
 
     def _result_of(self, replies: list[Any]) -> Any:
         return reply_or_raise(replies, self._translate)
 
-    async def _roundtrip(self, payload: bytes, count: int) -> list[Any]:
+    async def _roundtrip(self, payload: Payload, count: int) -> list[Any]:
         """Write every command, then read every reply; error replies come back as values.
 
         One write and one deadline for the whole batch, on a connection of the batcher's own

@@ -247,9 +247,10 @@ class RedisLink:
         return self._protocol.error is None and not self._transport.is_closing()
 
     async def roundtrip(
-        self, payload: bytes, count: int, timeout: float | None = None
+        self, payload: bytes | list[bytes], count: int, timeout: float | None = None
     ) -> list[Any]:
-        """Write ``payload`` (``count`` packed commands) and read their ``count`` replies.
+        """Write ``payload`` (``count`` packed commands, in one object or in pieces written in
+        order) and read their ``count`` replies.
 
         ``timeout``: TimeoutError if the replies are not all in by then (one timer handle on
         the round trip's own future: cheaper than a timeout scope per call). Cancelling it is
@@ -266,7 +267,10 @@ class RedisLink:
         protocol.replies = []
         protocol.count = count
         if payload:
-            self._transport.write(payload)
+            if isinstance(payload, bytes):
+                self._transport.write(payload)
+            else:
+                self._transport.writelines(payload)  # no join: big pieces are not copied
         protocol.collect()  # replies already parsed (notices that came while nobody read)
         timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
         try:

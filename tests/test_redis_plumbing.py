@@ -28,11 +28,13 @@ from redis.asyncio import BlockingConnectionPool
 
 from aioqueue import BrokerConnectionError, BrokerError
 from aioqueue._redis import (
+    BIG_ARGUMENT,
     CommandBatcher,
     Commands,
     Script,
     connect_redis,
     eviction_warning,
+    pack,
     redis_errors_as,
 )
 
@@ -352,6 +354,60 @@ async def test_batched_writes_land_in_order_on_redis(redis_url: str) -> None:
             await asyncio.gather(*[batcher.run(push(value, key)) for value in values])
             stored = await batcher._client.lrange(key, 0, -1)
             assert list(reversed(stored)) == values
+        finally:
+            await batcher._client.delete(key)
+
+
+def _every_kind_of_command(body: bytes) -> Commands:
+    pipe = Commands()
+    pipe.lpush("q", b"small", body)
+    pipe.lrem("processing", -1, body)
+    pipe.set("result", body, px=1500, nx=True)
+    pipe.zadd("delayed", 1.25, body)
+    pipe.publish("channel", body)
+    pipe.evalsha("0" * 40, 2, "k1", body, 7, "text", body)
+    pipe.xadd("events", "e", body, maxlen=10)
+    pipe.ping()
+    return pipe
+
+
+@pytest.mark.parametrize("size", [BIG_ARGUMENT - 1, BIG_ARGUMENT, 100_000])
+def test_big_arguments_go_out_uncopied_as_the_same_bytes_hiredis_packs(size: int) -> None:
+    """A body of BIG_ARGUMENT bytes or more is its own piece of the payload, the caller's very
+    object (no copy by the packer, none by a join); the pieces add up to hiredis's packing."""
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    commands = _every_kind_of_command(body)
+    payload = pack(commands)
+    expected = b"".join(hiredis.pack_command(command) for command in commands.stack)
+    if size < BIG_ARGUMENT:
+        assert payload == expected
+        return
+    assert isinstance(payload, list)
+    assert b"".join(payload) == expected
+    # each of the body's eight occurrences (one of them the second evalsha key) is uncopied
+    assert sum(piece is body for piece in payload) == 8
+    assert max(len(piece) for piece in payload if piece is not body) < 300
+
+
+async def test_big_and_small_writes_of_one_batch_reach_redis_intact(redis_url: str) -> None:
+    """Many concurrent writers, some with bodies past BIG_ARGUMENT, share batches: each value
+    lands whole and in order, and the replies after a big piece still match their stages."""
+    key = f"aqtest-{uuid.uuid4().hex[:10]}:big"
+    values = [(b"%06d" % i) * (BIG_ARGUMENT // 3 if i % 3 == 0 else 1) for i in range(60)]
+    async with batcher_for(redis_url) as batcher:
+        try:
+            lengths = await asyncio.gather(*[batcher.run(push(value, key)) for value in values])
+            assert sorted(lengths) == list(range(1, 61))
+            stored = await batcher._client.lrange(key, 0, -1)
+            assert list(reversed(stored)) == values
+
+            def remove(pipe: Commands) -> None:
+                pipe.lrem(key, -1, values[0])
+                pipe.lrem(key, -1, values[1])
+                pipe.lrange(key, 0, 0)
+
+            assert await batcher.run(remove) == [values[-1]]
+            assert await batcher._client.llen(key) == 58
         finally:
             await batcher._client.delete(key)
 
