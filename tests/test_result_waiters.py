@@ -761,6 +761,36 @@ async def test_listener_resubscribes_then_rereads_after_a_reconnect(
     assert backend.send_token() != token
 
 
+async def test_a_push_lost_with_the_connection_up_costs_an_interval_not_the_wait(
+    fake: tuple[RedisBackend, FakeRedis],
+) -> None:
+    """The outcome is stored but its push never arrives (a cluster's bus dropped it): a wait
+    still waiting after a whole recheck interval has its key read, pushed or subscribed, in one
+    MGET (test_pushed_wait_costs_no_read_and_no_subscription: a short wait is never read)."""
+    backend, server = fake
+    backend.listener.recheck_interval = 0.2
+    await backend.start_listening()
+    token = backend.send_token()
+    pushed = asyncio.create_task(backend.wait("pushed", timeout=10, token=token))
+    foreign = asyncio.create_task(backend.wait("foreign", timeout=10))
+
+    async def subscribed() -> bool:
+        return ("GET", "p:result:foreign") in server.reads
+
+    await wait_until(subscribed)
+    server.conn.confirm_all()
+    await asyncio.sleep(0.05)
+    epoch = backend.listener.epoch
+    server.reads.clear()
+    server.values["p:result:pushed"] = b"P"
+    server.values["p:result:foreign"] = b"F"
+    assert await asyncio.wait_for(asyncio.gather(pushed, foreign), 5) == [b"P", b"F"]
+    assert backend.listener.epoch == epoch  # no reconnect: no re-read after one
+    (recheck,) = server.reads
+    assert recheck[0] == "MGET"
+    assert sorted(recheck[1:]) == ["p:result:foreign", "p:result:pushed"]
+
+
 async def test_listener_probes_a_silent_link_and_reconnects(
     fake: tuple[RedisBackend, FakeRedis],
 ) -> None:

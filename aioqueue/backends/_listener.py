@@ -23,6 +23,11 @@ the keys of every waiting id read again (pushes sent while we were away are lost
 
 A silent link is probed: after ``ping_interval`` seconds without a frame the writer sends PING,
 and a second silent interval counts as a dead connection.
+
+A push can also be lost with the connection up: Redis Cluster carries a PUBLISH to the other
+nodes over its bus, and drops it while a bus link is down. So a wait that outlives a whole
+``recheck_interval`` has its key read (one MGET for all such waits, every interval): a lost push
+then costs a few seconds, not the whole wait.
 """
 
 from __future__ import annotations
@@ -90,6 +95,8 @@ class ResultListener:
     """The reply channel of this process plus the ``done`` channels its waiters need."""
 
     ping_interval = 30.0
+    recheck_interval = 5.0
+    """Seconds after which (and then every so often) a wait's key is read (module docstring)."""
 
     def __init__(
         self,
@@ -144,6 +151,7 @@ class ResultListener:
             self._tasks = [
                 loop.create_task(self._read_forever()),
                 loop.create_task(self._write_forever()),
+                loop.create_task(self._recheck_forever()),
             ]
         await asyncio.shield(self._ready)
 
@@ -286,6 +294,17 @@ class ResultListener:
             else:
                 self._confirm(channel)
 
+    async def _recheck_forever(self) -> None:
+        """Each interval, read the keys of the waits that were there at the previous one."""
+        seen: set[str] = set()
+        while True:
+            await asyncio.sleep(self.recheck_interval)
+            waiting = set(self._waiters)
+            overdue = seen & waiting
+            if overdue and self.epoch:
+                self._fetch(overdue)
+            seen = waiting
+
     def _on_listening(self) -> None:
         self.epoch += 1
         if self._ready is not None and not self._ready.done():
@@ -373,7 +392,7 @@ class ResultListener:
     # -- closing -----------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close the socket under the reader first, then cancel both tasks.
+        """Close the socket under the reader first, then cancel its tasks.
 
         A read cancelled mid-flight has to clean up after itself; a read on a closed socket
         fails at once and leaves the reader in its back-off sleep, where cancelling is clean.
