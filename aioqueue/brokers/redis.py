@@ -588,10 +588,12 @@ class _RedisConsumer:
         # every wait until it fires (no task or future per wait on the idle round trip).
         self._urgent: asyncio.Future[None] | None = None
         self._turns = dict.fromkeys(self.queues, 0)  # takes towards the low turn (priorities.py)
-        self._fetch_keys = {
-            q: [k.queue, self._processing[q], k.dead, k.marker, *k.levels[1:]]
+        # The fetch script's keys, built once: for each queue alone, and for all of them.
+        self._fetch_keys: dict[tuple[str, ...], list[str]] = {
+            (q,): [k.queue, self._processing[q], k.dead, k.marker, *k.levels[1:]]
             for q, k in self._keys.items()
         }
+        self._fetch_keys[self.queues] = [key for q in self.queues for key in self._fetch_keys[(q,)]]
         # One fetch call for all queues needs their keys on one server: not on a cluster, where
         # each queue's keys hash to a slot of their own and each queue gets a call of its own.
         self._one_call = isinstance(broker.batcher, CommandBatcher)
@@ -661,20 +663,20 @@ class _RedisConsumer:
         taken, self._buffer = self._buffer[:max_count], self._buffer[max_count:]
         return taken
 
-    async def _fetch_batch(self, queues: Sequence[str], count: int) -> list[Delivery]:
-        """Up to ``count`` messages from ``queues``, the first ones first, in one script call."""
-        keys: list[str] = []
+    async def _fetch_batch(self, queues: tuple[str, ...], count: int) -> list[Delivery]:
+        """Up to ``count`` messages from ``queues`` (all of the worker's, or one), the first ones
+        first, in one script call."""
         args: list[object] = [count, self.max_size or 0, time.time(), DEAD_LETTER_PREFIX]
         for queue in queues:
-            keys += self._fetch_keys[queue]
             args += (queue, self._turns[queue])
         try:
-            replies = await _FETCH_SCRIPT.run(self.broker.batcher, keys, args)
+            replies = await _FETCH_SCRIPT.run(self.broker.batcher, self._fetch_keys[queues], args)
         except AioQueueError:
             self._dirty.update(queues)  # the script may have run with its reply lost: reconcile
             raise
         out: list[Delivery] = []
-        for queue, (moved, refused, turns) in zip(queues, replies, strict=False):  # read ones
+        # only the queues the script reached have replies: the call stopped once it had enough
+        for queue, (moved, refused, turns) in zip(queues, replies, strict=False):
             self._turns[queue] = turns
             processing = self._processing[queue]
             out += [_RedisDelivery(self, queue, processing, body) for body in moved]
